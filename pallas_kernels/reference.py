@@ -1,0 +1,273 @@
+"""Pure-JAX FlashQ attention: the algorithm every kernel is checked against.
+
+These functions take exactly the kernels' inputs (INT8 codes, scales, packed
+INT4/INT2 cache arrays) and run the same blockwise algorithm: int8 x int8 ->
+int32 Q.K^T, the SAS online softmax, P quantized per row and key tile with a
+dynamic scale, and an int8 P.V. They are also turbojax's ``"xla"`` backend, so
+they are jit-compiled end to end and run on any platform.
+
+Units: ``q_scale`` already holds the softmax scale (and ``log2 e`` when the SAS
+base is 2), so ``q_scale * k_scale * (q8 . k8)`` is the logit in the exponent's
+units. ``bias`` is in the same units.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import common
+from pallas_kernels.packing import codes_per_byte, unpack
+from pallas_kernels.sas import SASParams
+
+
+class PackedKV(NamedTuple):
+  """One bit width's share of a progressive KV cache (``B, H, T, D`` = batch,
+  KV heads of this width, capacity, head_dim; ``G`` = group size).
+
+  K is grouped along tokens per channel, V along channels per token (KIVI):
+    k_codes:  uint8 [B, H, T, D*bits/8]  packed stage-2 codes (split layout)
+    k_scale2: uint8 [B, H, T/G, D]       integer stage-2 scale per group
+    k_zero:   int8  [B, H, T/G, D]       integer stage-2 zero point
+    k_scale:  bf16  [B, H, T]            stage-1 float scale per token
+    v_codes:  uint8 [B, H, T, D*bits/8]
+    v_scale2: uint8 [B, H, T, D/G]
+    v_zero:   int8  [B, H, T, D/G]
+    v_scale:  bf16  [B, H, T]
+  ``int8 = (code - zero) * scale2`` exactly, ``float = int8 * scale``.
+  """
+
+  k_codes: jax.Array
+  k_scale2: jax.Array
+  k_zero: jax.Array
+  k_scale: jax.Array
+  v_codes: jax.Array
+  v_scale2: jax.Array
+  v_zero: jax.Array
+  v_scale: jax.Array
+
+
+class ResidualKV(NamedTuple):
+  """The INT8 (stage-1) residual window: ``[B, H, G, D]`` codes, ``[B, H, G]`` scales."""
+
+  k: jax.Array
+  k_scale: jax.Array
+  v: jax.Array
+  v_scale: jax.Array
+
+
+def unpack_keys(packed: PackedKV, bits: int, group: int) -> jax.Array:
+  """INT8 keys ``[B, H, T, D]`` from the packed cache (integer arithmetic only)."""
+  codes = unpack(packed.k_codes, bits)
+  scale2 = jnp.repeat(packed.k_scale2, group, axis=-2)
+  zero = jnp.repeat(packed.k_zero, group, axis=-2)
+  return common.stage2_to_int8(codes, scale2, zero)
+
+
+def unpack_values(packed: PackedKV, bits: int, group: int) -> jax.Array:
+  """INT8 values ``[B, H, T, D]`` from the packed cache (integer arithmetic only)."""
+  codes = unpack(packed.v_codes, bits)
+  head_dim = codes.shape[-1]
+  g = min(group, head_dim)
+  scale2 = jnp.repeat(packed.v_scale2, g, axis=-1)
+  zero = jnp.repeat(packed.v_zero, g, axis=-1)
+  return common.stage2_to_int8(codes, scale2, zero)
+
+
+def _tiles(x, axis: int, n: int):
+  """Splits ``axis`` into ``n`` equal tiles and moves the tile index to the front."""
+  shape = x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1:]
+  return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+class SoftmaxState(NamedTuple):
+  m: jax.Array    # running row max, f32 [..., M]
+  l: jax.Array    # running row sum of the quantized weights, f32 [..., M]
+  acc: jax.Array  # unnormalized output, f32 [..., M, D]
+
+
+def init_state(rows_shape, head_dim) -> SoftmaxState:
+  return SoftmaxState(
+      m=jnp.full(rows_shape, common.MASKED_MAX, jnp.float32),
+      l=jnp.zeros(rows_shape, jnp.float32),
+      acc=jnp.zeros(rows_shape + (head_dim,), jnp.float32))
+
+
+def tile_update(state: SoftmaxState, s, keep, v8, v_scale, sas: SASParams, *,
+                v_scale_per_token: bool) -> SoftmaxState:
+  """Folds one key tile into the online-softmax state.
+
+  ``s``: f32 logits ``[..., M, N]``; ``v8``: int8 ``[..., N, D]``.
+  With a per-tile V scale (broadcastable to the rows ``[..., M]``): ``acc += (P_q @ V_q) * p_scale * s_v``.
+  With per-token V scales (``[..., N]``) the scale is folded into P before P is
+  quantized, and ``l`` sums exactly the weights that were multiplied.
+  """
+  m_new, alpha, p = common.online_softmax_update(state.m, s, keep, sas)
+  if v_scale_per_token:
+    v_scale = v_scale.astype(jnp.float32)[..., None, :]
+    p_q, p_scale = common.quantize_rows(p * v_scale)
+    pv = common.int8_dot(p_q, v8, "...mn,...nd->...md").astype(jnp.float32)
+    pv = pv * p_scale[..., None]
+    l_tile = jnp.sum(p_q.astype(jnp.float32) / v_scale, axis=-1) * p_scale
+  else:
+    p_q, p_scale = common.quantize_rows(p)
+    pv = common.int8_dot(p_q, v8, "...mn,...nd->...md").astype(jnp.float32)
+    pv = pv * (p_scale * v_scale)[..., None]
+    l_tile = jnp.sum(p_q.astype(jnp.float32), axis=-1) * p_scale
+  return SoftmaxState(
+      m=m_new,
+      l=state.l * alpha + l_tile,
+      acc=state.acc * alpha[..., None] + pv)
+
+
+def finalize(state: SoftmaxState) -> jax.Array:
+  """``acc / l``, with 0 for rows that saw no key (never NaN)."""
+  l = state.l[..., None]
+  return jnp.where(l > 0, state.acc / jnp.where(l > 0, l, 1.0), 0.0)
+
+
+def flashq_prefill_reference(
+    q, q_scale, k, k_scale, v, v_scale, *, block_k: int, sas: SASParams,
+    causal: bool = False, query_offset=0, q_lengths=None, kv_lengths=None,
+    local_window=None, bias=None, mask=None, return_residuals: bool = False):
+  """FlashQ prefill over INT8 Q/K/V.
+
+  Args:
+    q: int8 [B, Hq, Tq, D]; q_scale: f32 [B, Hq, Tq] (per token; block scales
+      repeated), including the softmax scale in the exponent's units.
+    k: int8 [B, Hk, Tk, D] (K smoothed); k_scale: f32 [B, Hk, Tk].
+    v: int8 [B, Hk, Tk, D]; v_scale: f32 [B, Hk, Tk // block_k] (per key tile).
+    block_k: key tile; ``Tk`` must be a multiple of it.
+    causal: keep keys at positions ``<= query_offset + i`` for query ``i``.
+    query_offset: int or int32 [B], position of query 0 among the keys.
+    q_lengths, kv_lengths: optional int32 [B] valid lengths.
+    local_window: optional ``(left, right)``.
+    bias: optional f32 broadcastable to [B, Hq, Tq, Tk], exponent units.
+    mask: optional bool broadcastable to [B, Hq, Tq, Tk], True keeps.
+  Returns:
+    f32 [B, Hq, Tq, D] (rows with no visible key are 0), and with
+    ``return_residuals`` also ``(m, l)`` f32 [B, Hq, Tq].
+  """
+  b, hq, tq, d = q.shape
+  hk, tk = k.shape[1], k.shape[2]
+  if tk % block_k:
+    raise ValueError(f"{tk=} must be a multiple of {block_k=}")
+  g = hq // hk
+  nk = tk // block_k
+  q5 = q.reshape(b, hk, g, tq, d)
+  qs5 = q_scale.astype(jnp.float32).reshape(b, hk, g, tq)
+  offset = jnp.broadcast_to(jnp.asarray(query_offset, jnp.int32), (b,))
+  q_pos = offset[:, None] + jnp.arange(tq, dtype=jnp.int32)[None, :]  # [B, Tq]
+  q_pos = q_pos[:, None, None, :]
+  q_len = None if q_lengths is None else (
+      jnp.asarray(q_lengths, jnp.int32) + offset)[:, None, None, None, None]
+  kv_len = None if kv_lengths is None else (
+      jnp.asarray(kv_lengths, jnp.int32)[:, None, None, None, None])
+
+  def as5(x):  # user bias/mask -> [B, Hk, g, Tq, Tk]
+    return jnp.broadcast_to(x, (b, hq, tq, tk)).reshape(b, hk, g, tq, tk)
+
+  xs = {
+      "k": _tiles(k, 2, nk), "k_scale": _tiles(k_scale.astype(jnp.float32), 2, nk),
+      "v": _tiles(v, 2, nk), "v_scale": jnp.moveaxis(v_scale.astype(jnp.float32), -1, 0),
+      "k_pos": jnp.arange(tk, dtype=jnp.int32).reshape(nk, block_k),
+  }
+  if bias is not None:
+    xs["bias"] = _tiles(as5(bias.astype(jnp.float32)), 4, nk)
+  if mask is not None:
+    xs["mask"] = _tiles(as5(mask), 4, nk)
+
+  def body(state, x):
+    s = common.int8_dot(q5, x["k"][:, :, None], "bhgqd,bhgkd->bhgqk")
+    s = s.astype(jnp.float32) * qs5[..., None] * x["k_scale"][:, :, None, None, :]
+    if bias is not None:
+      s = s + x["bias"]
+    keep = common.attention_mask(
+        q_pos, x["k_pos"], causal=causal, local_window=local_window,
+        q_len=q_len, kv_len=kv_len)
+    if mask is not None:
+      keep &= x["mask"]
+    state = tile_update(state, s, keep, x["v"][:, :, None],
+                        x["v_scale"][:, :, None, None], sas, v_scale_per_token=False)
+    return state, None
+
+  state, _ = jax.lax.scan(body, init_state((b, hk, g, tq), d), xs)
+  out = finalize(state).reshape(b, hq, tq, d)
+  if return_residuals:
+    return out, (state.m.reshape(b, hq, tq), state.l.reshape(b, hq, tq))
+  return out
+
+
+def flashq_decode_reference(
+    q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, lengths, *,
+    bits: int, group: int, sas: SASParams, return_residuals: bool = False):
+  """Attention of a few new query rows over a progressive INT4/INT2 cache.
+
+  Args:
+    q: int8 [B, H, M, D], the query rows of each KV head (GQA group x tokens);
+      q_scale: f32 [B, H, M] including the softmax scale.
+    q_pos: int32 [B, M], the position of each row (causal: keys ``<= q_pos``).
+    packed, residual: the cache arrays of these heads (see ``PackedKV``).
+    lengths: int32 [B], tokens in the cache; ``(lengths // group) * group`` are
+      packed, the remaining ``lengths % group`` are in the residual window.
+  Returns:
+    f32 [B, H, M, D] and, with ``return_residuals``, ``(m, l)``.
+  Every cached token is attended exactly once: packed tiles first, then the
+  residual window, each tile through ``tile_update`` with per-token V scales.
+  """
+  codes_per_byte(bits)
+  b, h, m, d = q.shape
+  t_max = packed.k_codes.shape[2]
+  n_tiles = t_max // group
+  lengths = jnp.asarray(lengths, jnp.int32)
+  packed_len = (lengths // group) * group
+  qf = q_scale.astype(jnp.float32)
+  q_pos = q_pos[:, None, :]  # [B, 1, M]
+
+  k8 = unpack_keys(packed, bits, group)
+  v8 = unpack_values(packed, bits, group)
+
+  xs = (_tiles(k8, 2, n_tiles), _tiles(packed.k_scale, 2, n_tiles),
+        _tiles(v8, 2, n_tiles), _tiles(packed.v_scale, 2, n_tiles),
+        jnp.arange(t_max, dtype=jnp.int32).reshape(n_tiles, group))
+
+  def attend(state, k8_t, k_scale_t, v8_t, v_scale_t, k_pos, valid_len):
+    s = common.int8_dot(q, k8_t, "bhmd,bhnd->bhmn").astype(jnp.float32)
+    s = s * qf[..., None] * k_scale_t.astype(jnp.float32)[:, :, None, :]
+    keep = common.attention_mask(q_pos, k_pos, causal=True, local_window=None,
+                                 kv_len=valid_len)
+    return tile_update(state, s, keep, v8_t, v_scale_t, sas, v_scale_per_token=True)
+
+  def body(state, x):
+    k8_t, ks_t, v8_t, vs_t, k_pos = x
+    k_pos = jnp.broadcast_to(k_pos, (b, 1, group))
+    return attend(state, k8_t, ks_t, v8_t, vs_t, k_pos,
+                  packed_len[:, None, None, None]), None
+
+  state, _ = jax.lax.scan(body, init_state((b, h, m), d), xs)
+  res_pos = packed_len[:, None, None] + jnp.arange(group, dtype=jnp.int32)  # [B,1,G]
+  state = attend(state, residual.k, residual.k_scale, residual.v, residual.v_scale,
+                 res_pos, lengths[:, None, None, None])
+  out = finalize(state)
+  if return_residuals:
+    return out, (state.m, state.l)
+  return out
+
+
+def combine_partial_results(outs, ms, ls, *, base: float = 2.0):
+  """Merges normalized partials ``(out_i, m_i, l_i)`` over disjoint key sets.
+
+  ``out_i``: [..., M, D]; ``m_i``, ``l_i``: [..., M] in the exponent's units of
+  ``base``, as returned with ``return_residuals``. Returns ``(out, m, l)``; rows
+  that no partial saw stay 0.
+  """
+  ms = jnp.stack(ms)
+  ls = jnp.stack(ls)
+  m = jnp.max(ms, axis=0)
+  w = ls * jnp.exp2((ms - m) * jnp.log2(base))
+  l = jnp.sum(w, axis=0)
+  out = sum(o * wi[..., None] for o, wi in zip(outs, w))
+  out = jnp.where(l[..., None] > 0, out / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+  return out, m, l
