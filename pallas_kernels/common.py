@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from pallas_kernels.sas import SASParams, sas_exp
 
 INT8_MAX = 127.0
+INT8_MAX_INT = 127
 # Finite stand-in for -inf in the running row max: keeps ``m_old - m_new``
 # finite, so no NaN ever appears, while still far past any SAS threshold.
 MASKED_MAX = -1e30
@@ -66,7 +67,7 @@ def online_softmax_update(m_old, s, keep, sas: SASParams):
   """
   s = jnp.where(keep, s, MASKED_MAX)
   m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
-  alpha = sas_exp(m_old - m_new, sas).astype(jnp.float32)
+  alpha = sas_exp(m_new - m_old, sas).astype(jnp.float32)
   p = sas_exp(m_new[..., None] - s, sas).astype(jnp.float32)
   p = jnp.where(keep, p, 0.0)
   return m_new, alpha, p
@@ -90,6 +91,10 @@ def int8_dot(a, b, contract: str):
 
 
 def stage2_to_int8(codes, scale2, zero):
-  """Progressive stage-2 decode, exact integer arithmetic: ``(code - z) * s2``."""
-  return ((codes.astype(jnp.int32) - zero.astype(jnp.int32))
-          * scale2.astype(jnp.int32)).astype(jnp.int8)
+  """Progressive stage-2 decode, exact integer arithmetic: ``clip((code - z) * s2)``.
+
+  The clip to ``[-127, 127]`` only acts where rounding ``q / s2`` up passed the
+  INT8 range; the result stays within ``s2 / 2`` of the original INT8 value.
+  """
+  x = (codes.astype(jnp.int32) - zero.astype(jnp.int32)) * scale2.astype(jnp.int32)
+  return jnp.clip(x, -INT8_MAX_INT, INT8_MAX_INT).astype(jnp.int8)

@@ -12,4 +12,98 @@ JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit(
 
 # --- Pallas Triton (GPU) ------------------------------------------------------
 
+try:  # Pallas Triton is importable on any platform (lowering needs no GPU).
+  from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - very old or stripped jax builds
+  plgpu = None
+
+# The custom-call target of Pallas Triton kernels; ``jax.export`` needs it in
+# ``disabled_checks`` (Triton IR carries no compatibility guarantee).
+TRITON_CUSTOM_CALL_TARGET = getattr(
+    plgpu, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
+
+
+def triton_compiler_params(*, num_warps: int, num_stages: int):
+  """``plgpu.CompilerParams`` (jax >= 0.5) or the older ``TritonCompilerParams``."""
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def triton_dot(a, b, *, trans_b: bool = False, preferred_element_type=None):
+  """2-D ``a @ b`` (``a @ b.T`` with ``trans_b``) inside a Pallas Triton kernel.
+
+  ``pl.dot`` is gone in jax 0.11; ``lax.dot_general`` lowers on every version.
+  With ``trans_b`` the second operand is K-major (``[N, K]``), the layout that
+  makes 8-bit tensor-core dots fast on Hopper.
+  """
+  contract_b = 1 if trans_b else 0
+  return jax.lax.dot_general(
+      a, b, (((1,), (contract_b,)), ((), ())),
+      preferred_element_type=preferred_element_type)
+
+
+def precise_div(x, y, *, interpret: bool):
+  """IEEE round-to-nearest f32 ``x / y`` inside a Pallas Triton kernel.
+
+  Triton lowers an f32 division to ``div.full.f32`` (up to 2 ulp off), while
+  XLA divides exactly; quantization codes must match the pure-JAX library bit
+  for bit, so compiled kernels divide with ``div.rn.f32`` explicitly.
+  Pure-JAX code that needs the same codes divides by
+  ``optimization_barrier(broadcast_to(y))``.
+  """
+  import jax.numpy as jnp  # local: keep this module's import cheap
+  x = x.astype(jnp.float32)
+  y = jnp.broadcast_to(y.astype(jnp.float32), x.shape)
+  if interpret:
+    # XLA:CPU turns a division by a broadcast into a reciprocal multiply
+    # (not IEEE); the barrier hides the broadcast.
+    return x / jax.lax.optimization_barrier(y)
+  [out] = plgpu.elementwise_inline_asm(
+      "div.rn.f32 $0, $1, $2;", args=[x, y], constraints="=r,r,r", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+  return out
+
+
 # --- Pallas Mosaic TPU ----------------------------------------------------------
+
+try:  # Pallas Mosaic TPU is importable on any platform (lowering needs no TPU).
+  from jax.experimental.pallas import tpu as pltpu
+except ImportError:  # pragma: no cover - very old or stripped jax builds
+  pltpu = None
+
+# ``pltpu.PrefetchScalarGridSpec`` on every supported version (jax 0.10, 0.11).
+TPU_PREFETCH_SCALAR_GRID_SPEC = getattr(pltpu, "PrefetchScalarGridSpec", None)
+TPU_SMEM = getattr(pltpu, "SMEM", None)
+TPU_VMEM = getattr(pltpu, "VMEM", None)
+
+
+def tpu_compiler_params(*, dimension_semantics, vmem_limit_bytes=None):
+  """``pltpu.CompilerParams`` (jax >= 0.7) or the older ``TPUCompilerParams``."""
+  cls = (getattr(pltpu, "CompilerParams", None)
+         or getattr(pltpu, "TPUCompilerParams"))
+  kwargs = {}
+  if vmem_limit_bytes is not None:
+    kwargs["vmem_limit_bytes"] = vmem_limit_bytes
+  return cls(dimension_semantics=tuple(dimension_semantics), **kwargs)
+
+
+def tpu_interpret(interpret):
+  """The ``interpret=`` value for a Mosaic TPU ``pallas_call``.
+
+  ``True`` selects the TPU interpreter (``pltpu.InterpretParams()``, jax >=
+  0.7), which models scalar prefetch, SMEM/VMEM and the grid order like the
+  hardware; ``pltpu.InterpretParams`` objects pass through. Older jax falls
+  back to the generic HLO interpreter (``interpret=True``).
+  """
+  if interpret is True:
+    params = getattr(pltpu, "InterpretParams", None)
+    return params() if params is not None else True
+  return interpret
+
+
+def force_tpu_interpret_mode(*args, **kwargs):
+  """Context manager running every Mosaic TPU ``pallas_call`` in the interpreter.
+
+  ``pltpu.force_tpu_interpret_mode`` on jax 0.10 and 0.11.
+  """
+  return pltpu.force_tpu_interpret_mode(*args, **kwargs)

@@ -110,7 +110,8 @@ def tile_update(state: SoftmaxState, s, keep, v8, v_scale, sas: SASParams, *,
     p_q, p_scale = common.quantize_rows(p * v_scale)
     pv = common.int8_dot(p_q, v8, "...mn,...nd->...md").astype(jnp.float32)
     pv = pv * p_scale[..., None]
-    l_tile = jnp.sum(p_q.astype(jnp.float32) / v_scale, axis=-1) * p_scale
+    inv_v_scale = 1.0 / jnp.where(v_scale > 0, v_scale, 1.0)  # unused slots may hold 0
+    l_tile = jnp.sum(p_q.astype(jnp.float32) * inv_v_scale, axis=-1) * p_scale
   else:
     p_q, p_scale = common.quantize_rows(p)
     pv = common.int8_dot(p_q, v8, "...mn,...nd->...md").astype(jnp.float32)

@@ -1,0 +1,1 @@
+"""Attention entry points and backends."""

@@ -1,0 +1,98 @@
+"""Stage-1 quantization of float Q/K/V into the FlashQ kernels' inputs."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from turbojax.config import TurboConfig
+from turbojax.quant import QArray, dequantize, quantize_int8_sym
+from turbojax.quant.qarray import expand_scale
+
+
+class PrefillInputs(NamedTuple):
+  """Kernel-layout INT8 inputs (``[B, H, T, D]``; ``T`` padded to the tiles)."""
+
+  q: jax.Array        # int8 [B, Hq, Tq, D]
+  q_scale: jax.Array  # f32 [B, Hq, Tq], includes the softmax scale (exponent units)
+  k: jax.Array        # int8 [B, Hk, Tk, D], smoothed
+  k_scale: jax.Array  # f32 [B, Hk, Tk]
+  v: jax.Array        # int8 [B, Hk, Tk, D]
+  v_scale: jax.Array  # f32 [B, Hk, Tk // block_k]
+
+
+def pad_axis(x, axis: int, multiple: int, value=0):
+  n = x.shape[axis]
+  extra = -n % multiple
+  if not extra:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, extra)
+  return jnp.pad(x, pads, constant_values=value)
+
+
+def _token_scale(q: QArray) -> jax.Array:
+  """Per-token scale ``[B, H, T]`` of a ``[B, T, H, D]`` QArray whose scale is
+  constant over head_dim."""
+  tiles = q.tiles[:3] + (1,)
+  scale = expand_scale(q.scale.astype(jnp.float32), tiles, q.shape[:3] + (q.scale.shape[3],))
+  return jnp.transpose(scale[..., 0], (0, 2, 1))
+
+
+def _to_int8(x, block: int, per_token: bool) -> QArray:
+  """INT8 QArray of ``x`` (``[B, T, N, H]``) padded to ``block`` tokens."""
+  if isinstance(x, QArray):
+    if x.qvalue.dtype != jnp.int8 or x.zero_point is not None or x.tiles[3] != x.shape[3]:
+      raise ValueError("pre-quantized inputs must be symmetric INT8 QArrays with one "
+                       "scale per head_dim vector (head_dim reduced)")
+    return x
+  x = pad_axis(x, 1, block)
+  if per_token:
+    return quantize_int8_sym(x, channelwise_axes=(0, 1, 2))
+  return quantize_int8_sym(x, channelwise_axes=(0, 2), tiled_axes={1: block})
+
+
+def smooth_keys(key, key_value_seq_lengths):
+  """K minus its per-channel mean over valid keys; invalid keys become 0."""
+  k = key.astype(jnp.float32)
+  tk = k.shape[1]
+  if key_value_seq_lengths is None:
+    valid = jnp.ones((k.shape[0], tk), jnp.bool_)
+  else:
+    valid = jnp.arange(tk)[None, :] < jnp.asarray(key_value_seq_lengths)[:, None]
+  valid = valid[:, :, None, None]
+  count = jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1)
+  mean = jnp.sum(jnp.where(valid, k, 0.0), axis=1, keepdims=True) / count
+  return jnp.where(valid, k - mean, 0.0)
+
+
+def quantize_for_prefill(query, key, value, *, config: TurboConfig, block_q: int,
+                         block_k: int, softmax_scale: float,
+                         key_value_seq_lengths=None) -> PrefillInputs:
+  """Float (or INT8 ``QArray``) ``[B, T, N, H]`` Q/K/V -> ``PrefillInputs``.
+
+  Q and K get one scale per head and ``block_q``/``block_k`` tokens (or per
+  token), V one per head and key tile. K is smoothed unless pre-quantized.
+  """
+  per_token = config.per_token_scales
+  if config.smooth_k and not isinstance(key, QArray):
+    key = smooth_keys(key, key_value_seq_lengths)
+  if isinstance(value, QArray):  # V's scale must follow the kernel's key tile
+    value = dequantize(value, jnp.float32)
+
+  q8 = _to_int8(query, block_q, per_token)
+  k8 = _to_int8(key, block_k, per_token)
+  v8 = _to_int8(value, block_k, per_token=False)
+
+  def layout(q: QArray, multiple):
+    codes = pad_axis(jnp.transpose(q.qvalue, (0, 2, 1, 3)), 2, multiple)
+    return codes, pad_axis(_token_scale(q), 2, multiple, value=1.0)
+
+  q_codes, q_scale = layout(q8, block_q)
+  k_codes, k_scale = layout(k8, block_k)
+  v_codes = jnp.transpose(v8.qvalue, (0, 2, 1, 3))
+  v_scale = jnp.transpose(v8.scale[..., 0], (0, 2, 1)).astype(jnp.float32)
+  q_scale = q_scale * (softmax_scale * config.log2_base)
+  return PrefillInputs(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale)
