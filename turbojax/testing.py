@@ -1,0 +1,36 @@
+"""Helpers for tests and benchmarks: inputs and the design's error metrics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def random_qkv(seed: int, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int,
+               head_dim: int, dtype=jnp.float32, *, k_outliers: bool = False):
+  """Unit-normal Q/K/V ``[B, T, N, H]``; with ``k_outliers`` K gets a per-channel
+  bias and a few channels scaled 6x (the design's outlier case)."""
+  kq, kk, kv, kb = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(kq, (batch, q_len, q_heads, head_dim))
+  k = jax.random.normal(kk, (batch, kv_len, kv_heads, head_dim))
+  v = jax.random.normal(kv, (batch, kv_len, kv_heads, head_dim))
+  if k_outliers:
+    k = (k + 2.0 * jax.random.normal(kb, (head_dim,))).at[..., :4].multiply(6.0)
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def relative_error(out, ref) -> float:
+  """Global ``‖out − ref‖ / ‖ref‖``."""
+  out = jnp.asarray(out, jnp.float32)
+  ref = jnp.asarray(ref, jnp.float32)
+  return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def row_errors(out, ref):
+  """Per-row relative error (each row by its own norm): ``(mean, max)``."""
+  out = jnp.asarray(out, jnp.float32)
+  ref = jnp.asarray(ref, jnp.float32)
+  num = jnp.linalg.norm(out - ref, axis=-1)
+  den = jnp.linalg.norm(ref, axis=-1)
+  err = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), num)
+  return float(jnp.mean(err)), float(jnp.max(err))
