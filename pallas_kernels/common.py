@@ -80,7 +80,7 @@ def quantize_rows(x):
   (0 for an all-zero row, whose codes are 0).
   """
   row_max = jnp.max(x, axis=-1)
-  inv = jnp.where(row_max > 0, INT8_MAX / jnp.where(row_max > 0, row_max, 1.0), 0.0)
+  inv = jnp.where(row_max == 0, 0.0, INT8_MAX / jnp.where(row_max == 0, 1.0, row_max))
   x_q = round_half_up(x * inv[..., None]).astype(jnp.int8)
   return x_q, row_max / INT8_MAX
 

@@ -126,7 +126,7 @@ def tile_update(state: SoftmaxState, s, keep, v8, v_scale, sas: SASParams, *,
 def finalize(state: SoftmaxState) -> jax.Array:
   """``acc / l``, with 0 for rows that saw no key (never NaN)."""
   l = state.l[..., None]
-  return jnp.where(l > 0, state.acc / jnp.where(l > 0, l, 1.0), 0.0)
+  return jnp.where(l == 0, 0.0, state.acc / jnp.where(l == 0, 1.0, l))  # NaN propagates
 
 
 def flashq_prefill_reference(
@@ -270,5 +270,5 @@ def combine_partial_results(outs, ms, ls, *, base: float = 2.0):
   w = ls * jnp.exp2((ms - m) * jnp.log2(base))
   l = jnp.sum(w, axis=0)
   out = sum(o * wi[..., None] for o, wi in zip(outs, w))
-  out = jnp.where(l[..., None] > 0, out / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+  out = jnp.where(l[..., None] == 0, 0.0, out / jnp.where(l == 0, 1.0, l)[..., None])
   return out, m, l

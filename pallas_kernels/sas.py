@@ -86,14 +86,15 @@ def _pow2_neg_int(x_int: jax.Array) -> jax.Array:
 def sas_exp(x: jax.Array, params: SASParams) -> jax.Array:
   """``params.base ** -x`` for ``x >= 0``; exactly 0 where ``x > threshold``.
 
-  Negative inputs are treated as 0 (they only arise from rounding of a row max).
+  Negative inputs are treated as 0 (they only arise from rounding of a row max);
+  NaN stays NaN.
   Returns ``params.dtype`` (float32 in exact mode).
   """
   x = jnp.maximum(x.astype(jnp.float32), 0.0)
   if params.exact:
     return jnp.exp2(-x * math.log2(params.base))
   dtype = jnp.dtype(params.dtype)
-  keep = x <= params.threshold
+  past = x > params.threshold  # NaN is not past: it propagates
   # Past the threshold the value is zeroed; clamp so the table index stays small.
   x = jnp.minimum(x, math.floor(params.threshold) + 1.0)
   x_int_f = jnp.floor(x)
@@ -109,4 +110,4 @@ def sas_exp(x: jax.Array, params: SASParams) -> jax.Array:
     n = math.floor(params.threshold) + 2
     lut = jnp.asarray([params.base**-i for i in range(n)], jnp.float32)
     table = lut[x_int]
-  return jnp.where(keep, poly * table.astype(dtype), jnp.zeros((), dtype))
+  return jnp.where(past, jnp.zeros((), dtype), poly * table.astype(dtype))

@@ -38,6 +38,9 @@ class TurboConfig:
     group_size: tokens per K group and channels per V group of the packed
       cache; the INT8 residual window holds up to ``group_size - 1`` tokens.
     interpret: run Pallas backends in interpret mode (numerics on CPU).
+    batch_axes, head_axes: names of the axes of a mesh set with
+      ``jax.set_mesh`` over which the kernels are ``shard_map``-ped (batch and
+      heads); names the mesh lacks are ignored.
   """
 
   exact: bool = False
@@ -53,6 +56,8 @@ class TurboConfig:
   int2_heads: int = 0
   group_size: int = 64
   interpret: bool = False
+  batch_axes: tuple[str, ...] = ("data", "fsdp")
+  head_axes: tuple[str, ...] = ("model", "tensor")
 
   def __post_init__(self):
     for name in ("block_q", "block_k", "group_size"):

@@ -53,4 +53,4 @@ def sas_softmax(logits: jax.Array, axis: int = -1, *, where: jax.Array | None = 
   p = sas_exp(m - logits, threshold=threshold, degree=degree, base=base, dtype=dtype)
   p = jnp.where(where, p.astype(jnp.float32), 0.0)
   total = jnp.sum(p, axis=axis, keepdims=True)
-  return jnp.where(total > 0, p / jnp.where(total > 0, total, 1.0), 0.0)
+  return jnp.where(total == 0, 0.0, p / jnp.where(total == 0, 1.0, total))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from turbojax import _validation as v
-from turbojax.attention import backends
+from turbojax.attention import backends, sharding
 from turbojax.attention.base import Call, Extras
 from turbojax.attention.exact import exact_attention
 from turbojax.config import TurboConfig
@@ -98,7 +98,7 @@ def dot_product_attention(
       mask=v.check_broadcast("mask", mask, target, boolean=True),
       query_seq_lengths=v.check_lengths("query_seq_lengths", query_seq_lengths, b, tq),
       key_value_seq_lengths=v.check_lengths("key_value_seq_lengths", key_value_seq_lengths, b, tk),
-      query_offset=query_offset)
+      query_offset=offset.astype(jnp.int32))
   call = Call(scale=float(1.0 / math.sqrt(d) if scale is None else scale),
               is_causal=bool(is_causal), local_window=v.check_window(local_window_size),
               config=config)
@@ -106,6 +106,21 @@ def dot_product_attention(
     q, k, val = (dequantize(x) if isinstance(x, QArray) else x for x in (query, key, value))
     return _exact(q, k, val, extras, call).astype(out_dtype)
 
-  return backends.dispatch(
-      implementation, config,
-      lambda name: _attention(name, call, query, key, value, extras).astype(out_dtype))
+  def run(name):
+    fn = functools.partial(_attention, name, call)
+    axes = sharding.mesh_axes(config)
+    if axes is not None and not any(isinstance(x, QArray) for x in (query, key, value)):
+      mesh, batch_axes, head_axes = axes
+      sharding.check_divisible(mesh, batch_axes, head_axes, b,
+                               {"query heads": hq, "key/value heads": key.shape[2]})
+      qkv = sharding.bthd(batch_axes, head_axes)
+      extras_specs = Extras(
+          bias=sharding.bias_like(extras.bias, batch_axes, head_axes),
+          mask=sharding.bias_like(extras.mask, batch_axes, head_axes),
+          query_seq_lengths=sharding.per_batch(extras.query_seq_lengths, batch_axes),
+          key_value_seq_lengths=sharding.per_batch(extras.key_value_seq_lengths, batch_axes),
+          query_offset=sharding.per_batch(extras.query_offset, batch_axes))
+      fn = sharding.shard(fn, mesh, (qkv, qkv, qkv, extras_specs), qkv)
+    return fn(query, key, value, extras).astype(out_dtype)
+
+  return backends.dispatch(implementation, config, run)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.reference import ResidualKV
 from turbojax import _validation as v
-from turbojax.attention import backends
+from turbojax.attention import backends, sharding
 from turbojax.attention.base import Call
 from turbojax.config import TurboConfig
 from turbojax.kv_cache import QuantizedKVCache
@@ -83,6 +85,23 @@ def decode_attention(query, cache: QuantizedKVCache, *, scale: float | None = No
         f"{cache.group_size} (use dot_product_attention for longer chunks)")
   call = Call(scale=float(1.0 / math.sqrt(d) if scale is None else scale), is_causal=True,
               local_window=None, config=config)
-  return backends.dispatch(
-      implementation, config,
-      lambda name: backends.BACKENDS[name].decode(query, cache, call).astype(query.dtype))
+  def run(name):
+    fn = lambda query, cache: backends.BACKENDS[name].decode(query, cache, call)
+    axes = sharding.mesh_axes(config)
+    if axes is not None and axes[1]:
+      mesh, batch_axes, _ = axes
+      sharding.check_divisible(mesh, batch_axes, (), b, {})
+      fn = sharding.shard(fn, mesh, (sharding.bthd(batch_axes, ()), _cache_specs(cache, batch_axes)),
+                          sharding.bthd(batch_axes, ()))
+    return fn(query, cache).astype(query.dtype)
+
+  return backends.dispatch(implementation, config, run)
+
+
+def _cache_specs(cache: QuantizedKVCache, batch_axes):
+  """The cache sharded over batch (every per-sequence array), the head order replicated."""
+  per_seq = P(batch_axes)
+  return dataclasses.replace(
+      cache, segments=jax.tree_util.tree_map(lambda _: per_seq, cache.segments),
+      residual=jax.tree_util.tree_map(lambda _: per_seq, cache.residual), k_mean=per_seq,
+      head_perm=P(), lengths=per_seq, overflow=per_seq, calibrated=P())

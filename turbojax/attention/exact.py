@@ -50,7 +50,7 @@ def exact_attention(query, key, value, bias=None, mask=None, *, scale, is_causal
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
   p = jnp.where(keep, jnp.exp(logits - m), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom > 0, denom, 1.0)
+  p = p / jnp.where(denom == 0, 1.0, denom)
   out = jnp.einsum("bhgqk,bkhd->bqhgd", p.reshape(b, hk, g, tq, tk),
                    value.astype(jnp.float32))
   return out.reshape(b, tq, hq, d)

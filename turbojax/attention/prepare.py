@@ -96,3 +96,19 @@ def quantize_for_prefill(query, key, value, *, config: TurboConfig, block_q: int
   v_scale = jnp.transpose(v8.scale[..., 0], (0, 2, 1)).astype(jnp.float32)
   q_scale = q_scale * (softmax_scale * config.log2_base)
   return PrefillInputs(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale)
+
+
+def propagate_nonfinite(out, inputs: PrefillInputs):
+  """NaN in the output rows that NaN/inf inputs reach: a query row whose scale
+  is not finite, and every row of a KV head with a non-finite K or V scale.
+
+  The scales carry non-finite inputs (see ``quantize_int8_sym``), but a
+  backend's max reductions need not propagate NaN, so this is made explicit.
+  Works on ``[B, Hq, Tq, D]`` outputs.
+  """
+  b, hq, tq, _ = out.shape
+  hk = inputs.k_scale.shape[1]
+  bad_kv = (jnp.any(~jnp.isfinite(inputs.k_scale), axis=-1)
+            | jnp.any(~jnp.isfinite(inputs.v_scale), axis=-1))  # [B, Hk]
+  bad = ~jnp.isfinite(inputs.q_scale[:, :, :tq]) | jnp.repeat(bad_kv, hq // hk, axis=1)[..., None]
+  return jnp.where(bad[..., None], jnp.nan, out)

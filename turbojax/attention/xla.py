@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import reference
 from turbojax.attention.base import Backend, Call, Extras
-from turbojax.attention.prepare import pad_axis, quantize_for_prefill
+from turbojax.attention.prepare import pad_axis, propagate_nonfinite, quantize_for_prefill
 
 
 def prefill_extras(extras: Extras, *, b, tq, tk, tq_pad, tk_pad, log2_base):
@@ -46,7 +46,8 @@ def prefill(query, key, value, extras: Extras, call: Call):
       *inputs, block_k=config.block_k, sas=config.sas_params(), causal=call.is_causal,
       query_offset=extras.query_offset, q_lengths=q_lengths, kv_lengths=kv_lengths,
       local_window=call.local_window, bias=bias, mask=mask)
-  return jnp.transpose(out[:, :, :tq], (0, 2, 1, 3))
+  out = propagate_nonfinite(out[:, :, :tq], inputs)
+  return jnp.transpose(out, (0, 2, 1, 3))
 
 
 def decode(query, cache, call: Call):

@@ -78,16 +78,22 @@ def quantize_int8_sym(x: jax.Array, *, channelwise_axes: Sequence[int] = (),
   Per head and block of 64 tokens for ``[B, T, H, D]``:
   ``channelwise_axes=(0, 2), tiled_axes={1: 64}``; per token:
   ``channelwise_axes=(0, 1, 2)``; per channel: ``channelwise_axes=(0, 2, 3)``.
-  An all-zero tile gets scale 1 (codes 0), never a division by zero.
+  An all-zero tile gets scale 1 (codes 0), never a division by zero; a tile
+  holding NaN or inf gets a NaN/inf scale, so the non-finite value propagates
+  to everything computed from it instead of vanishing into the codes.
   ``scale_dtype`` narrower than f32 is applied before quantizing, so the codes
   are exact for the stored scale.
   """
   _check_float(x, "x")
   tiles = tiles_for(x.shape, channelwise_axes, tiled_axes)
-  absmax = _tile_reduce(jnp.abs(x.astype(jnp.float32)), tiles, jnp.max, 0.0)
-  scale = jnp.where(absmax > 0, absmax / INT8_MAX, 1.0).astype(scale_dtype)
+  x32 = x.astype(jnp.float32)
+  absmax = _tile_reduce(jnp.abs(x32), tiles, jnp.max, 0.0)
+  # XLA:CPU's vectorized max may drop NaN; a sum never does (inf * 0 is NaN).
+  absmax = absmax + _tile_reduce(x32 * 0.0, tiles, jnp.sum, 0.0)
+  # Only an all-zero tile gets scale 1; NaN/inf propagate into the scale.
+  scale = jnp.where(absmax == 0, 1.0, absmax / INT8_MAX).astype(scale_dtype)
   full = expand_scale(scale.astype(jnp.float32), tiles, x.shape)
-  q = jnp.clip(common.round_half_up(x.astype(jnp.float32) / full), -INT8_MAX, INT8_MAX)
+  q = jnp.clip(common.round_half_up(x32 / full), -INT8_MAX, INT8_MAX)
   return QArray(q.astype(jnp.int8), scale, None, tiles, jnp.dtype(x.dtype).name)
 
 
