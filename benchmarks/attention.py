@@ -1,0 +1,188 @@
+"""Attention benchmark CLI: turbojax against jax.nn (cuDNN and XLA) in one run.
+
+Baselines: ``jax.nn.dot_product_attention`` with ``implementation="cudnn"``
+(``cudnn``) or ``"xla"`` (``jax-xla``); other names are turbojax's.
+Prefill: ``dot_product_attention`` on bf16 inputs, the quantization pass
+included in the time (and timed alone beside it). Decode: one new token per
+sequence against a quantized KV cache vs jax.nn over a bf16 cache. Every row
+carries the relative error against float32 exact attention on the same inputs.
+
+  python benchmarks/attention.py --suite all --out benchmarks/results/h100
+  python benchmarks/attention.py --suite prefill --seq 4096 16384 --causal both
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import turbojax  # noqa: E402
+from turbojax.attention.prepare import quantize_for_prefill  # noqa: E402
+from turbojax.testing import random_qkv, relative_error  # noqa: E402
+
+# Baselines are jax.nn's implementations; every other name is a turbojax one.
+BASELINES = {"cudnn": "cudnn", "jax-xla": "xla"}
+
+
+def _impl_fn(impl: str, config, **kwargs):
+  if impl in BASELINES:
+    return jax.jit(functools.partial(jax.nn.dot_product_attention,
+                                     implementation=BASELINES[impl], **kwargs))
+  return jax.jit(functools.partial(turbojax.dot_product_attention, implementation=impl,
+                                   config=config, **kwargs))
+
+
+def prefill_suite(args) -> list[dict]:
+  rows = []
+  config = turbojax.TurboConfig()
+  for seq in args.seq:
+    for causal in args.causal:
+      q, k, v = random_qkv(0, args.batch, seq, seq, args.heads, args.kv_heads, args.head_dim,
+                           jnp.bfloat16)
+      exact = turbojax.dot_product_attention(
+          *(x.astype(jnp.float32) for x in (q, k, v)), is_causal=causal,
+          config=turbojax.TurboConfig(exact=True)) if args.check else None
+      flops = common.attention_flops(args.batch, seq, seq, args.heads, args.head_dim, causal)
+      quant = jax.jit(functools.partial(
+          quantize_for_prefill, config=config, block_q=config.block_q, block_k=config.block_k,
+          softmax_scale=args.head_dim**-0.5))
+      quant_ms = common.time_fn(quant, q, k, v, repeats=args.repeats)["ms"]
+      base_ms = None
+      for impl in args.impls:
+        row = {"suite": "prefill", "impl": impl, "batch": args.batch, "seq": seq,
+               "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+               "causal": causal}
+        try:
+          fn = _impl_fn(impl, config, is_causal=causal)
+          timing = common.time_fn(fn, q, k, v, repeats=args.repeats)
+        except Exception as e:  # a missing backend is a row, not a crash
+          row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+          rows.append(row)
+          print(f"{impl}: {row['error']}", file=sys.stderr)
+          continue
+        row.update(timing)
+        row["tflops"] = flops / timing["ms"] / 1e9
+        if impl not in BASELINES:
+          row["quant_ms_xla"] = quant_ms
+        if exact is not None:
+          row["relerr"] = relative_error(fn(q, k, v), exact)
+        if impl == "cudnn":
+          base_ms = timing["ms"]
+        rows.append(row)
+      for row in rows:
+        if row.get("seq") == seq and row.get("causal") == causal and base_ms and "ms" in row:
+          row["speedup_vs_cudnn"] = base_ms / row["ms"]
+  return rows
+
+
+def decode_suite(args) -> list[dict]:
+  rows = []
+  b, t, hq, hk, d = args.batch_decode, args.cache_len, args.heads, args.kv_heads_decode, args.head_dim
+  q, k, v = random_qkv(1, b, 1, t, hq, hk, d, jnp.bfloat16)
+  bf16_bytes = b * t * hk * d * 2 * 2
+  exact = turbojax.dot_product_attention(
+      *(x.astype(jnp.float32) for x in (q, k, v)),
+      config=turbojax.TurboConfig(exact=True)) if args.check else None
+  base_ms = None
+  for impl in BASELINES:
+    if impl not in args.impls:
+      continue
+    row = {"suite": "decode", "impl": impl, "cache": "bf16", "batch": b, "cache_len": t,
+           "heads": hq, "kv_heads": hk, "head_dim": d, "bytes": bf16_bytes}
+    try:
+      fn = _impl_fn(impl, None)
+      row.update(common.time_fn(fn, q, k, v, repeats=args.repeats))
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+      rows.append(row)
+      continue
+    row["tb_per_s"] = bf16_bytes / row["ms"] / 1e9
+    if exact is not None:
+      row["relerr"] = relative_error(fn(q, k, v), exact)
+    if impl == "cudnn":
+      base_ms = row["ms"]
+    rows.append(row)
+  for label, config in (("int4", turbojax.TurboConfig()),
+                        ("int4/int2", turbojax.TurboConfig(int2_heads=hk // 2))):
+    cache = turbojax.QuantizedKVCache.init(b, t, hk, d, config)
+    cache = jax.jit(lambda c, k, v: c.update(k, v))(cache, k, v)
+    for impl in args.impls:
+      if impl in BASELINES:
+        continue
+      row = {"suite": "decode", "impl": impl, "cache": label, "batch": b, "cache_len": t,
+             "heads": hq, "kv_heads": hk, "head_dim": d, "bytes": cache.nbytes}
+      try:
+        fn = jax.jit(functools.partial(turbojax.decode_attention, implementation=impl))
+        row.update(common.time_fn(fn, q, cache, repeats=args.repeats))
+      except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(f"{impl} {label}: {row['error']}", file=sys.stderr)
+        continue
+      row["tb_per_s"] = cache.nbytes / row["ms"] / 1e9
+      if exact is not None:
+        row["relerr"] = relative_error(fn(q, cache), exact)
+      rows.append(row)
+  for row in rows:
+    if base_ms and "ms" in row:
+      row["speedup_vs_cudnn"] = base_ms / row["ms"]
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  on_gpu = jax.default_backend() == "gpu"
+  parser.add_argument("--suite", choices=("prefill", "decode", "all"), default="all")
+  parser.add_argument("--impls", nargs="+",
+                      default=["cudnn", "jax-xla", "triton"] if on_gpu else ["jax-xla", "xla"],
+                      help="jax.nn baselines (cudnn, jax-xla) and turbojax implementations")
+  parser.add_argument("--batch", type=int, default=2 if on_gpu else 1)
+  parser.add_argument("--seq", type=int, nargs="+", default=[4096] if on_gpu else [512])
+  parser.add_argument("--heads", type=int, default=32 if on_gpu else 8)
+  parser.add_argument("--kv-heads", type=int, default=32 if on_gpu else 8,
+                      help="KV heads for prefill")
+  parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--causal", choices=("true", "false", "both"), default="both")
+  parser.add_argument("--batch-decode", type=int, default=32 if on_gpu else 2)
+  parser.add_argument("--cache-len", type=int, default=8192 if on_gpu else 1024)
+  parser.add_argument("--kv-heads-decode", type=int, default=8 if on_gpu else 2)
+  parser.add_argument("--repeats", type=int, default=20 if on_gpu else 3)
+  parser.add_argument("--no-check", dest="check", action="store_false",
+                      help="skip the float32 exact reference (saves memory)")
+  parser.add_argument("--out", default=None, help="output prefix for .json and .csv")
+  args = parser.parse_args(argv)
+  args.causal = {"true": [True], "false": [False], "both": [False, True]}[args.causal]
+
+  meta = common.metadata()
+  print(f"{meta['device_kind']} | jax {meta['jax']} | turbojax {meta['turbojax']}")
+  rows = []
+  if args.suite in ("prefill", "all"):
+    rows += prefill_suite(args)
+    print("\nprefill (bf16 inputs; turbojax times include quantization)")
+    common.print_table([r for r in rows if r["suite"] == "prefill"], [
+        ("impl", "impl", "s"), ("seq", "seq", "d"), ("causal", "causal", ""),
+        ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".1f"), ("quant_ms_xla", "quant ms", ".3f"),
+        ("speedup_vs_cudnn", "vs cuDNN", ".2f"), ("relerr", "rel err", ".2e")])
+  if args.suite in ("decode", "all"):
+    decode_rows = decode_suite(args)
+    rows += decode_rows
+    print("\ndecode (1 token, bytes = the whole cache incl. scales)")
+    common.print_table(decode_rows, [
+        ("impl", "impl", "s"), ("cache", "cache", "s"), ("ms", "ms", ".3f"),
+        ("tb_per_s", "TB/s", ".2f"), ("speedup_vs_cudnn", "vs cuDNN", ".2f"),
+        ("relerr", "rel err", ".2e")])
+  for path in common.write_results(rows, args.out, meta):
+    print(f"wrote {path}")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
