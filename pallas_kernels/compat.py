@@ -107,3 +107,41 @@ def force_tpu_interpret_mode(*args, **kwargs):
   ``pltpu.force_tpu_interpret_mode`` on jax 0.10 and 0.11.
   """
   return pltpu.force_tpu_interpret_mode(*args, **kwargs)
+
+
+# --- Pallas Mosaic GPU ----------------------------------------------------------
+
+try:  # Pallas Mosaic GPU is importable on any platform (lowering needs no GPU).
+  from jax.experimental.pallas import mosaic_gpu as plmgpu
+except ImportError:  # pragma: no cover - very old or stripped jax builds
+  plmgpu = None
+
+# Custom-call targets of Mosaic GPU kernels (``jax.export`` allows them).
+MOSAIC_GPU_CUSTOM_CALL_TARGETS = ("mosaic_gpu", "mosaic_gpu_v2")
+
+
+def mgpu_load(ref, *, layout):
+  """Whole-ref ``plgpu.load`` with a register layout.
+
+  jax 0.10 takes the index positionally (``load(ref, (), layout=...)``); jax
+  0.11 deprecates the index (``load(ref, layout=...)``).
+  """
+  import inspect  # local: keep this module's import cheap
+  idx = inspect.signature(plmgpu.load).parameters["idx"]
+  if idx.default is inspect.Parameter.empty:
+    return plmgpu.load(ref, (), layout=layout)
+  return plmgpu.load(ref, layout=layout)
+
+
+def mgpu_interpret(interpret):
+  """The ``interpret=`` value for ``plgpu.kernel``.
+
+  ``True`` selects the Mosaic GPU interpreter (``InterpretGPUParams()``, which
+  simulates SMEM, barriers, TMA and warpgroups on CPU); objects pass through.
+  """
+  if interpret is True:
+    params = getattr(plmgpu, "InterpretGPUParams", None)
+    if params is None:  # jax 0.10 has it but does not re-export it
+      from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
+  return interpret or None
