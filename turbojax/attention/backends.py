@@ -16,14 +16,10 @@ from turbojax.attention.base import Backend, Call, Extras, Implementation  # noq
 
 def _registry() -> types.MappingProxyType:
   backends = {"xla": xla.BACKEND}
-  try:
-    from turbojax.attention import triton_backend
-    backends["triton"] = triton_backend.BACKEND
-  except ImportError:
-    pass
-  try:
-    from turbojax.attention import mosaic_tpu_backend
-    backends["mosaic_tpu"] = mosaic_tpu_backend.BACKEND
+  try:  # Pallas is part of jax, but a stripped build may lack a backend.
+    from turbojax.attention import pallas_backends
+    backends["triton"] = pallas_backends.TRITON
+    backends["mosaic_tpu"] = pallas_backends.MOSAIC_TPU
   except ImportError:
     pass
   return types.MappingProxyType(backends)

@@ -9,45 +9,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.reference import ResidualKV
 from turbojax import _validation as v
 from turbojax.attention import backends, sharding
 from turbojax.attention.base import Call
 from turbojax.config import TurboConfig
 from turbojax.kv_cache import QuantizedKVCache
-from turbojax.quant import quantize_int8_sym
-
-
-def decode_with(kernel, query, cache: QuantizedKVCache, call: Call):
-  """Runs ``kernel`` (the reference's or a Pallas kernel's decode signature)
-  once per bit width of the cache and puts the heads back in order.
-
-  Query rows of KV slot ``h`` are its GQA query heads x new tokens; the new
-  tokens sit at positions ``lengths - Tq + i`` (they are already cached), so
-  attention is causal among them.
-  """
-  b, tq, hq, d = query.shape
-  hk = cache.num_kv_heads
-  g = hq // hk
-  q = query.astype(jnp.float32).reshape(b, tq, hk, g, d)
-  q = jnp.take(q, cache.head_perm, axis=2)
-  q8 = quantize_int8_sym(q, channelwise_axes=(0, 1, 2, 3))
-  rows = jnp.transpose(q8.qvalue, (0, 2, 3, 1, 4)).reshape(b, hk, g * tq, d)
-  q_scale = jnp.transpose(q8.scale[..., 0], (0, 2, 3, 1)).reshape(b, hk, g * tq)
-  q_scale = q_scale * (call.scale * call.config.log2_base)
-  q_pos = cache.lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)
-  q_pos = jnp.tile(q_pos, (1, g))
-  outs = []
-  start = 0
-  for seg, bits, h in zip(cache.segments, cache.segment_bits, cache.segment_heads):
-    sl = slice(start, start + h)
-    start += h
-    residual = ResidualKV(*(x[:, sl] for x in cache.residual))
-    outs.append(kernel(rows[:, sl], q_scale[:, sl], q_pos, seg, residual, cache.lengths,
-                       bits=bits, group=cache.group_size, sas=call.config.sas_params()))
-  out = jnp.concatenate(outs, axis=1).reshape(b, hk, g, tq, d)
-  out = jnp.take(out, jnp.argsort(cache.head_perm), axis=1)
-  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, tq, hq, d)
 
 
 def decode_attention(query, cache: QuantizedKVCache, *, scale: float | None = None,

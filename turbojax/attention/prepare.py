@@ -1,4 +1,4 @@
-"""Stage-1 quantization of float Q/K/V into the FlashQ kernels' inputs."""
+"""Float inputs -> the FlashQ kernels' inputs (stage-1 quantization, layouts)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.reference import ResidualKV
 from turbojax.config import TurboConfig
 from turbojax.quant import QArray, dequantize, quantize_int8_sym
 from turbojax.quant.qarray import expand_scale
@@ -98,17 +99,48 @@ def quantize_for_prefill(query, key, value, *, config: TurboConfig, block_q: int
   return PrefillInputs(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale)
 
 
-def propagate_nonfinite(out, inputs: PrefillInputs):
-  """NaN in the output rows that NaN/inf inputs reach: a query row whose scale
-  is not finite, and every row of a KV head with a non-finite K or V scale.
+def nonfinite_rows(inputs: PrefillInputs, tq: int) -> jax.Array:
+  """bool ``[B, Hq, Tq]``: rows that NaN/inf inputs reach.
 
-  The scales carry non-finite inputs (see ``quantize_int8_sym``), but a
-  backend's max reductions need not propagate NaN, so this is made explicit.
-  Works on ``[B, Hq, Tq, D]`` outputs.
+  A query row whose scale is not finite, and every row of a KV head with a
+  non-finite K or V scale (conservatively: masks are not consulted). The
+  scales carry non-finite inputs (see ``quantize_int8_sym``), but a backend's
+  max reductions need not propagate NaN, so the dispatch makes it explicit.
   """
-  b, hq, tq, _ = out.shape
+  hq = inputs.q_scale.shape[1]
   hk = inputs.k_scale.shape[1]
   bad_kv = (jnp.any(~jnp.isfinite(inputs.k_scale), axis=-1)
             | jnp.any(~jnp.isfinite(inputs.v_scale), axis=-1))  # [B, Hk]
-  bad = ~jnp.isfinite(inputs.q_scale[:, :, :tq]) | jnp.repeat(bad_kv, hq // hk, axis=1)[..., None]
-  return jnp.where(bad[..., None], jnp.nan, out)
+  return ~jnp.isfinite(inputs.q_scale[:, :, :tq]) | jnp.repeat(bad_kv, hq // hk, axis=1)[..., None]
+
+
+def decode_with(kernel, query, cache: QuantizedKVCache, call: Call):
+  """Runs ``kernel`` (the reference's or a Pallas kernel's decode signature)
+  once per bit width of the cache and puts the heads back in order.
+
+  Query rows of KV slot ``h`` are its GQA query heads x new tokens; the new
+  tokens sit at positions ``lengths - Tq + i`` (they are already cached), so
+  attention is causal among them.
+  """
+  b, tq, hq, d = query.shape
+  hk = cache.num_kv_heads
+  g = hq // hk
+  q = query.astype(jnp.float32).reshape(b, tq, hk, g, d)
+  q = jnp.take(q, cache.head_perm, axis=2)
+  q8 = quantize_int8_sym(q, channelwise_axes=(0, 1, 2, 3))
+  rows = jnp.transpose(q8.qvalue, (0, 2, 3, 1, 4)).reshape(b, hk, g * tq, d)
+  q_scale = jnp.transpose(q8.scale[..., 0], (0, 2, 3, 1)).reshape(b, hk, g * tq)
+  q_scale = q_scale * (call.scale * call.config.log2_base)
+  q_pos = cache.lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)
+  q_pos = jnp.tile(q_pos, (1, g))
+  outs = []
+  start = 0
+  for seg, bits, h in zip(cache.segments, cache.segment_bits, cache.segment_heads):
+    sl = slice(start, start + h)
+    start += h
+    residual = ResidualKV(*(x[:, sl] for x in cache.residual))
+    outs.append(kernel(rows[:, sl], q_scale[:, sl], q_pos, seg, residual, cache.lengths,
+                       bits=bits, group=cache.group_size, sas=call.config.sas_params()))
+  out = jnp.concatenate(outs, axis=1).reshape(b, hk, g, tq, d)
+  out = jnp.take(out, jnp.argsort(cache.head_perm), axis=1)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, tq, hq, d)

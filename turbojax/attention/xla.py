@@ -2,24 +2,27 @@
 
 It quantizes with ``turbojax.quant`` and runs the blockwise algorithm of
 ``pallas_kernels.reference``, the same code the Pallas kernels are checked
-against, jit-compiled end to end.
+against, jit-compiled end to end. ``prefill_with`` is shared with the Pallas
+backends, which swap in their quantization pass and kernel.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 
 from pallas_kernels import reference
 from turbojax.attention.base import Backend, Call, Extras
-from turbojax.attention.prepare import pad_axis, propagate_nonfinite, quantize_for_prefill
+from turbojax.attention.prepare import (decode_with, nonfinite_rows, pad_axis,
+                                       quantize_for_prefill)
 
 
 def prefill_extras(extras: Extras, *, b, tq, tk, tq_pad, tk_pad, log2_base):
   """Lengths that mask the padding, and bias/mask padded to the tiles."""
   kv_lengths = extras.key_value_seq_lengths
-  if tk_pad != tk and kv_lengths is None:
+  if tk % tk_pad and kv_lengths is None:
     kv_lengths = jnp.full((b,), tk, jnp.int32)
-  q_lengths = extras.query_seq_lengths
 
   def pad_tiles(x, value):  # axes of size 1 keep broadcasting
     if x.shape[2] != 1:
@@ -29,29 +32,48 @@ def prefill_extras(extras: Extras, *, b, tq, tk, tq_pad, tk_pad, log2_base):
   bias = None if extras.bias is None else pad_tiles(
       extras.bias.astype(jnp.float32) * log2_base, 0.0)
   mask = None if extras.mask is None else pad_tiles(extras.mask, False)
-  return q_lengths, kv_lengths, bias, mask
+  return extras.query_seq_lengths, kv_lengths, bias, mask
+
+
+def prefill_with(kernel, quantize, query, key, value, extras: Extras, call: Call, *,
+                 block_q: int, block_k: int):
+  """Quantize -> ``kernel`` -> ``[B, Tq, N, H]`` f32, NaN where non-finite inputs reach.
+
+  ``quantize(query, key, value)`` returns the kernel's six INT8 inputs;
+  ``kernel`` takes them plus the ``flashq_prefill_reference`` keywords.
+  """
+  config = call.config
+  b, tq = query.shape[0], query.shape[1]
+  inputs = quantize(query, key, value)
+  q_lengths, kv_lengths, bias, mask = prefill_extras(
+      extras, b=b, tq=tq, tk=key.shape[1], tq_pad=block_q, tk_pad=block_k,
+      log2_base=config.log2_base)
+  masks = {} if bias is None and mask is None else {"bias": bias, "mask": mask}
+  out = kernel(*inputs, sas=config.sas_params(), causal=call.is_causal,
+               query_offset=extras.query_offset, q_lengths=q_lengths, kv_lengths=kv_lengths,
+               local_window=call.local_window, **masks)
+  out = jnp.where(nonfinite_rows(inputs, tq)[..., None], jnp.nan, out[:, :, :tq])
+  return jnp.transpose(out, (0, 2, 1, 3))
+
+
+def quantize_with_blocks(config, block_q: int, block_k: int, scale: float,
+                         key_value_seq_lengths):
+  """``quantize_for_prefill`` with these tiles, as a ``quantize`` callable."""
+  return functools.partial(quantize_for_prefill, config=config, block_q=block_q,
+                           block_k=block_k, softmax_scale=scale,
+                           key_value_seq_lengths=key_value_seq_lengths)
 
 
 def prefill(query, key, value, extras: Extras, call: Call):
   config = call.config
-  b, tq = query.shape[0], query.shape[1]
-  tk = key.shape[1]
-  inputs = quantize_for_prefill(
-      query, key, value, config=config, block_q=config.block_q, block_k=config.block_k,
-      softmax_scale=call.scale, key_value_seq_lengths=extras.key_value_seq_lengths)
-  q_lengths, kv_lengths, bias, mask = prefill_extras(
-      extras, b=b, tq=tq, tk=tk, tq_pad=config.block_q, tk_pad=config.block_k,
-      log2_base=config.log2_base)
-  out = reference.flashq_prefill_reference(
-      *inputs, block_k=config.block_k, sas=config.sas_params(), causal=call.is_causal,
-      query_offset=extras.query_offset, q_lengths=q_lengths, kv_lengths=kv_lengths,
-      local_window=call.local_window, bias=bias, mask=mask)
-  out = propagate_nonfinite(out[:, :, :tq], inputs)
-  return jnp.transpose(out, (0, 2, 1, 3))
+  kernel = functools.partial(reference.flashq_prefill_reference, block_k=config.block_k)
+  quantize = quantize_with_blocks(config, config.block_q, config.block_k, call.scale,
+                                  extras.key_value_seq_lengths)
+  return prefill_with(kernel, quantize, query, key, value, extras, call,
+                      block_q=config.block_q, block_k=config.block_k)
 
 
 def decode(query, cache, call: Call):
-  from turbojax.attention.decode import decode_with
   return decode_with(reference.flashq_decode_reference, query, cache, call)
 
 

@@ -1,0 +1,99 @@
+"""Adapters from the public API to the Pallas kernels: ``"triton"`` and ``"mosaic_tpu"``.
+
+Each adapter checks what its kernels support (raising ``NotImplementedError``
+with the reason, so a default dispatch falls back to ``"xla"``), quantizes,
+runs the kernel and hands back ``[B, T, N, H]`` float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from pallas_kernels.gpu import flashq_decode as gpu_decode
+from pallas_kernels.gpu import flashq_prefill as gpu_prefill
+from pallas_kernels.gpu import quantize as gpu_quantize
+from pallas_kernels.tpu import flashq_decode as tpu_decode
+from pallas_kernels.tpu import flashq_prefill as tpu_prefill
+from turbojax.attention.base import Backend, Call, Extras
+from turbojax.attention.prepare import PrefillInputs, decode_with
+from turbojax.attention.xla import prefill_with, quantize_with_blocks
+from turbojax.quant import QArray
+
+HEAD_DIMS = (64, 128)
+
+
+def _check_supported(name: str, query, key, value, extras: Extras, call: Call):
+  d = query.shape[-1]
+  if d not in HEAD_DIMS:
+    raise NotImplementedError(f"{name}: head_dim={d} is not supported (kernels take {HEAD_DIMS})")
+  if extras.bias is not None or extras.mask is not None:
+    raise NotImplementedError(f"{name}: bias/mask arrays run on the 'xla' implementation")
+  if any(isinstance(x, QArray) for x in (query, key, value)):
+    raise NotImplementedError(f"{name}: pre-quantized QArray inputs run on 'xla'")
+  if call.config.sas_base != 2.0:
+    raise NotImplementedError(f"{name}: the kernels use the base-2 SAS table (sas_base=2.0)")
+
+
+def _check_decode(name: str, cache, call: Call):
+  if cache.head_dim not in HEAD_DIMS:
+    raise NotImplementedError(
+        f"{name}: head_dim={cache.head_dim} is not supported (kernels take {HEAD_DIMS})")
+  if call.config.sas_base != 2.0:
+    raise NotImplementedError(f"{name}: the kernels use the base-2 SAS table (sas_base=2.0)")
+
+
+# --- triton (GPU) --------------------------------------------------------------------------
+def triton_prefill(query, key, value, extras: Extras, call: Call):
+  _check_supported("triton", query, key, value, extras, call)
+  config = call.config
+  block_sizes = gpu_prefill.BlockSizes.get_default(
+      head_dim=query.shape[-1], seq_len_q=query.shape[1], seq_len_k=key.shape[1])
+
+  def quantize(query, key, value):  # fused kernel: int8 codes, scales, smoothed K, V^T
+    return PrefillInputs(*gpu_quantize.quantize_qkv(
+        query, key, value, block_q=config.block_q, block_k=block_sizes.block_k,
+        sm_scale=call.scale, log2e_fold=config.sas_base == 2.0, smooth_k=config.smooth_k,
+        kv_lengths=extras.key_value_seq_lengths, per_token=config.per_token_scales,
+        layout="bthd", interpret=config.interpret))
+
+  kernel = functools.partial(gpu_prefill.flashq_prefill, block_sizes=block_sizes,
+                             interpret=config.interpret)
+  return prefill_with(kernel, quantize, query, key, value, extras, call,
+                      block_q=config.block_q, block_k=block_sizes.block_k)
+
+
+def triton_decode(query, cache, call: Call):
+  _check_decode("triton", cache, call)
+  kernel = functools.partial(gpu_decode.flashq_decode, interpret=call.config.interpret)
+  return decode_with(kernel, query, cache, call)
+
+
+TRITON = Backend(name="triton", platforms=("gpu",), prefill=triton_prefill,
+                 decode=triton_decode)
+
+
+# --- mosaic_tpu ----------------------------------------------------------------------------
+def tpu_prefill_fn(query, key, value, extras: Extras, call: Call):
+  _check_supported("mosaic_tpu", query, key, value, extras, call)
+  hq, hk = query.shape[2], key.shape[2]
+  block_sizes = tpu_prefill.BlockSizes.get_default(
+      head_dim=query.shape[-1], seq_len_q=query.shape[1], seq_len_k=key.shape[1],
+      num_q_heads_per_kv_head=hq // hk)
+  quantize = quantize_with_blocks(call.config, block_sizes.block_q, block_sizes.block_k,
+                                  call.scale, extras.key_value_seq_lengths)
+  kernel = functools.partial(tpu_prefill.flashq_prefill, block_sizes=block_sizes,
+                             interpret=call.config.interpret)
+  return prefill_with(kernel, quantize, query, key, value, extras, call,
+                      block_q=block_sizes.block_q, block_k=block_sizes.block_k)
+
+
+def tpu_decode_fn(query, cache, call: Call):
+  _check_decode("mosaic_tpu", cache, call)
+  kernel = functools.partial(tpu_decode.flashq_decode, interpret=call.config.interpret)
+  return decode_with(kernel, query, cache, call)
+
+
+MOSAIC_TPU = Backend(name="mosaic_tpu", platforms=("tpu",), prefill=tpu_prefill_fn,
+                     decode=tpu_decode_fn)
