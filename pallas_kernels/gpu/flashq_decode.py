@@ -1,0 +1,484 @@
+"""FlashQ decode attention over a packed INT4/INT2 KV cache, Pallas Triton.
+
+The algorithm of ``pallas_kernels.reference.flashq_decode_reference`` as a
+split-K (flash-decoding) kernel. The grid runs over (batch, KV head, split);
+the ``M`` query rows of a KV head (its GQA query heads x new tokens) form the
+M dimension of every dot, padded to 16 for the tensor cores. Each program walks
+its share of the packed tiles (one stage-2 group of ``G`` tokens each) and the
+last split also the INT8 residual window:
+
+  k8 = (unpack(k_codes) - k_zero) * k_scale2     exact integer stage-2 decode
+  s  = (q8 . k8^T)_int32 * q_scale * k_scale      per-token bf16 K scales
+  m, alpha, p = SAS online-softmax update         (common.online_softmax_update)
+  p8, p_scale = quantize_rows(p * v_scale)        V's per-token scale folded in P
+  acc = acc * alpha + (p8 . v8)_int32 * p_scale
+
+Codes are unpacked in registers: the split packing layout puts codes
+``[part*w, (part+1)*w)`` of a row in bit field ``part`` of bytes ``[0, w)``,
+so each part is one shift and one mask of the loaded bytes and maps to a
+contiguous channel range (the query and the accumulator are kept per part).
+The partials ``(out, m, l)`` of the splits are merged by log-sum-exp
+(``reference.combine_partial_results``).
+
+Split-K changes the order of the online softmax, so the result equals the
+sequential reference only up to P's quantization rounding and the SAS
+threshold, which apply per split; ``flashq_decode_reference`` below runs the
+reference per split and combines, the exact counterpart of this kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import common, compat, reference, tuned_block_sizes
+from pallas_kernels.packing import codes_per_byte
+from pallas_kernels.reference import PackedKV, ResidualKV
+from pallas_kernels.sas import SASParams
+
+KERNEL_NAME = "flashq_decode"
+MIN_ROWS = 16        # tensor-core M; query rows are padded to this
+NUM_SMS_FALLBACK = 132  # H100 SXM; only used when the device is unknown
+_NUM_WARPS = (1, 2, 4, 8)
+_DOT_DTYPES = ("int8", "bfloat16")
+_UNPACK = ("int8", "fold")
+
+
+def _is_pow2(n: int) -> bool:
+  return n > 0 and not n & (n - 1)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class BlockSizes:
+  """Launch parameters of ``flashq_decode`` (the key tile is the stage-2 group).
+
+  Attributes:
+    num_splits: programs per (batch, KV head) along the cache (split-K).
+    tiles_per_iter: packed tiles loaded together per loop iteration (more
+      bytes in flight; the softmax still runs tile by tile).
+    num_warps, num_stages: Triton launch parameters.
+    dot_dtype: "int8" dots, or "bfloat16" dots on the same integer values
+      (exact: |products| < 2**14 and sums < 2**24 in f32), for tiles that
+      8-bit tensor-core dots do not accept (K < 32).
+    unpack: how packed tiles meet the dots.
+      "int8": the reference's arithmetic, element by element: stage-2
+        decode ``clip((code - z) * s2)`` to INT8, then int8 dots.
+      "fold": the stage-2 integer scale and zero point are folded into the
+        other operand, ``sum_c q_c (code_c - z_c) s2_c =
+        sum_c (q_c s2_c) code_c - sum_c q_c s2_c z_c`` (per-channel for K,
+        per-token for V), so the raw 0..15 codes go to f16 dots and the
+        per-element work is a shift, a mask and a convert. ``q_c s2_c`` is
+        split as ``64 hi + lo`` so every f16 operand and f32 sum is an exact
+        integer: the result equals "int8" except where the reference's clip
+        acts (``(code - z) s2`` of +-128..+-169, from rounding ``q / s2`` up
+        past the INT8 range), where "fold" keeps the unclipped value.
+  """
+
+  num_splits: int = 4
+  tiles_per_iter: int = 1
+  num_warps: int = 4
+  num_stages: int = 2
+  dot_dtype: str = "int8"
+  unpack: str = "int8"
+
+  def __post_init__(self):
+    for name in ("num_splits", "tiles_per_iter", "num_stages"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if self.num_warps not in _NUM_WARPS:
+      raise ValueError(f"num_warps={self.num_warps!r} must be one of {_NUM_WARPS}")
+    if self.dot_dtype not in _DOT_DTYPES:
+      raise ValueError(f"dot_dtype={self.dot_dtype!r} must be one of {_DOT_DTYPES}")
+    if self.unpack not in _UNPACK:
+      raise ValueError(f"unpack={self.unpack!r} must be one of {_UNPACK}")
+
+  @classmethod
+  def get_default(cls, *, batch: int, num_kv_heads: int, head_dim: int,
+                  capacity: int, group: int, bits: int,
+                  device_kind: str | None = None) -> BlockSizes:
+    """Tuned sizes for this device (heuristic: about 4 programs per SM)."""
+    if device_kind is None:
+      device_kind = tuned_block_sizes.current_device_kind()
+    entry = tuned_block_sizes.lookup(
+        KERNEL_NAME, device_kind=device_kind, dtype=f"int{bits}", head_dim=head_dim,
+        seq_len=capacity)
+    n_tiles = max(capacity // group, 1)
+    if entry is None:
+      programs = batch * num_kv_heads
+      splits = -(-4 * NUM_SMS_FALLBACK // max(programs, 1))
+      entry = dict(num_splits=splits, tiles_per_iter=2, num_warps=4, num_stages=2)
+    entry["num_splits"] = max(1, min(entry["num_splits"], n_tiles))
+    if head_dim // codes_per_byte(bits) < 32:
+      entry["dot_dtype"] = "bfloat16"
+    return cls(**entry)
+
+
+def _dot_i32(a, b, *, trans_b: bool, dot_dtype: str):
+  """Exact int32 ``a @ b`` (``a @ b.T``) of int8-valued operands."""
+  if dot_dtype == "int8":
+    return compat.triton_dot(a, b, trans_b=trans_b, preferred_element_type=jnp.int32)
+  out = compat.triton_dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                          trans_b=trans_b, preferred_element_type=jnp.float32)
+  return out.astype(jnp.int32)
+
+
+def _decode_kernel(
+    len_ref,      # [] int32: tokens in the cache
+    q_ref,        # [Mp, D] int8
+    q_scale_ref,  # [Mp] f32
+    q_pos_ref,    # [Mp] int32
+    k_codes_ref,  # [T, W] uint8, W = D * bits / 8
+    k_scale2_ref,  # [T / G, D] uint8
+    k_zero_ref,   # [T / G, D] int8
+    k_scale_ref,  # [T] bf16
+    v_codes_ref,  # [T, W] uint8
+    v_scale2_ref,  # [T, D / Gv] uint8, Gv = min(G, D)
+    v_zero_ref,   # [T, D / Gv] int8
+    v_scale_ref,  # [T] bf16
+    r_k_ref,      # [G, D] int8 residual window
+    r_k_scale_ref,  # [G]
+    r_v_ref,      # [G, D] int8
+    r_v_scale_ref,  # [G]
+    o_ref,        # [Mp, D] f32 (normalized partial)
+    m_ref,        # [Mp] f32
+    l_ref,        # [Mp] f32
+    *, bits: int, group: int, num_splits: int, sas: SASParams,
+    tiles_per_iter: int, dot_dtype: str, unpack: str):
+  rows, head_dim = q_ref.shape
+  per_byte = codes_per_byte(bits)
+  mask = (1 << bits) - 1
+  width = head_dim // per_byte           # channels per bit field (part)
+  v_group = min(group, head_dim)
+  chunk = min(width, v_group)            # channels with one V stage-2 scale
+  chunks = [(part, j) for part in range(per_byte) for j in range(width // chunk)]
+  v_groups = sorted({(p * width + j * chunk) // v_group for p, j in chunks})
+  dot = functools.partial(_dot_i32, dot_dtype=dot_dtype)
+  fold = unpack == "fold"
+
+  split = pl.program_id(2)
+  length = len_ref[()]
+  n_packed = length // group
+  per_split = (n_packed + num_splits - 1) // num_splits
+  t0 = jnp.minimum(split * per_split, n_packed)
+  t1 = jnp.minimum(t0 + per_split, n_packed)
+  q_pos = q_pos_ref[...]
+  q_scale = q_scale_ref[...]
+  # Packed tiles wholly at or before every row's position need no mask.
+  t_full = jnp.clip((jnp.min(q_pos) + 1) // group, t0, t1)
+  q_parts = [q_ref[:, pl.ds(part * width, width)] for part in range(per_byte)]
+  if fold:
+    q_parts_f = [x.astype(jnp.float32) for x in q_parts]
+
+  def load_tile(j):
+    tok = pl.multiple_of(j * group, group)
+    rows_ = pl.ds(tok, group)
+    return dict(
+        j=j, tok=tok,
+        k_bytes=k_codes_ref[rows_, :],                               # [G, W] uint8
+        k_scale=k_scale_ref[rows_],                                  # [G]
+        v_bytes={j_: v_codes_ref[rows_, pl.ds(j_ * chunk, chunk)]    # [G, c] uint8
+                 for j_ in range(width // chunk)},
+        v_scale=v_scale_ref[rows_],                                  # [G]
+        v_scale2={g: v_scale2_ref[rows_, g] for g in v_groups},      # [G] uint8
+        v_zero={g: v_zero_ref[rows_, g] for g in v_groups},          # [G] int8
+    )
+
+  def softmax(state, s, keep, v_scale):
+    m, l, accs = state
+    m_new, alpha, p = common.online_softmax_update(m, s, keep, sas)
+    v_scale = v_scale.astype(jnp.float32)
+    p_q, p_scale = common.quantize_rows(p * v_scale[None, :])
+    inv_v_scale = 1.0 / jnp.where(v_scale > 0, v_scale, 1.0)  # unused slots may hold 0
+    l_tile = jnp.sum(p_q.astype(jnp.float32) * inv_v_scale[None, :], axis=-1) * p_scale
+    return m_new, alpha, p_q, p_scale, l * alpha + l_tile
+
+  def accumulate(state, m_new, alpha, p_scale, l_new, pvs):
+    """``acc = acc * alpha + (P_q . V_q) * p_scale`` per channel chunk."""
+    accs = tuple(acc * alpha[:, None] + pv.astype(jnp.float32) * p_scale[:, None]
+                 for acc, pv in zip(state[2], pvs))
+    return m_new, l_new, accs
+
+  def logits(s_int, k_scale):
+    return (s_int.astype(jnp.float32) * q_scale[:, None]
+            * k_scale.astype(jnp.float32)[None, :])
+
+  def split_f16(x):
+    """Exact ``x = 64 * hi + lo`` for integer-valued f32 ``|x| < 2**17``, in f16."""
+    hi = jnp.floor(x * (1.0 / 64.0))
+    return hi.astype(jnp.float16), (x - 64.0 * hi).astype(jnp.float16)
+
+  def dot_f32(a, b, trans_b):
+    return compat.triton_dot(a, b, trans_b=trans_b, preferred_element_type=jnp.float32)
+
+  def packed_scores(tile):
+    """Integer Q.K^T of a packed tile, ``[Mp, G]`` (int32, or exact f32 when folded)."""
+    s = None
+    for part in range(per_byte):
+      codes = (tile["k_bytes"] >> (part * bits)) & mask                  # [G, w] uint8
+      ch = pl.ds(part * width, width)
+      if fold:
+        # sum_c q_c (code_c - z_c) s2_c = sum_c (q_c s2_c) code_c - sum_c q_c s2_c z_c
+        s2 = k_scale2_ref[tile["j"], ch].astype(jnp.float32)
+        zero = k_zero_ref[tile["j"], ch].astype(jnp.float32)
+        q2 = q_parts_f[part] * s2[None, :]                               # [Mp, w]
+        hi, lo = split_f16(q2)
+        codes = codes.astype(jnp.float16)
+        s_part = (64.0 * dot_f32(hi, codes, True) + dot_f32(lo, codes, True)
+                  - jnp.sum(q2 * zero[None, :], axis=1)[:, None])
+      else:
+        k8 = common.stage2_to_int8(codes, k_scale2_ref[tile["j"], ch][None, :],
+                                   k_zero_ref[tile["j"], ch][None, :])
+        s_part = dot(q_parts[part], k8, trans_b=True)                    # [Mp, G]
+      s = s_part if s is None else s + s_part
+    return s
+
+  def packed_pv(tile, p_q):
+    """Integer P.V of a packed tile, per channel chunk ``[Mp, c]``."""
+    pvs = []
+    folded = {}
+    for part, j_ in chunks:
+      g = (part * width + j_ * chunk) // v_group
+      codes = (tile["v_bytes"][j_] >> (part * bits)) & mask              # [G, c] uint8
+      if fold:
+        # sum_t p_t (code_t - z_t) s2_t = sum_t (p_t s2_t) code_t - sum_t p_t s2_t z_t
+        if g not in folded:
+          p2 = p_q.astype(jnp.float32) * tile["v_scale2"][g].astype(jnp.float32)[None, :]
+          corr = jnp.sum(p2 * tile["v_zero"][g].astype(jnp.float32)[None, :], axis=1)
+          folded[g] = split_f16(p2) + (corr,)
+        hi, lo, corr = folded[g]
+        codes = codes.astype(jnp.float16)
+        pvs.append(64.0 * dot_f32(hi, codes, False) + dot_f32(lo, codes, False)
+                   - corr[:, None])
+      else:
+        v8 = common.stage2_to_int8(codes, tile["v_scale2"][g][:, None],
+                                   tile["v_zero"][g][:, None])
+        pvs.append(dot(p_q, v8, trans_b=False))
+    return pvs
+
+  def packed_tile(state, tile, *, masked: bool):
+    s = logits(packed_scores(tile), tile["k_scale"])
+    if masked:
+      k_pos = tile["tok"] + jnp.arange(group, dtype=jnp.int32)
+      keep = common.attention_mask(q_pos, k_pos, causal=True, local_window=None)
+    else:
+      keep = True
+    m_new, alpha, p_q, p_scale, l_new = softmax(state, s, keep, tile["v_scale"])
+    return accumulate(state, m_new, alpha, p_scale, l_new, packed_pv(tile, p_q))
+
+  def residual_tile(state):
+    k_pos = n_packed * group + jnp.arange(group, dtype=jnp.int32)
+    s = logits(dot(q_ref[...], r_k_ref[...], trans_b=True), r_k_scale_ref[...])
+    keep = common.attention_mask(q_pos, k_pos, causal=True, local_window=None,
+                                 kv_len=length)
+    m_new, alpha, p_q, p_scale, l_new = softmax(state, s, keep, r_v_scale_ref[...])
+    pvs = [dot(p_q, r_v_ref[:, pl.ds(p * width + j_ * chunk, chunk)], trans_b=False)
+           for p, j_ in chunks]
+    return accumulate(state, m_new, alpha, p_scale, l_new, pvs)
+
+  def unmasked_iter(i, state):
+    tiles = [load_tile(t0 + i * tiles_per_iter + u) for u in range(tiles_per_iter)]
+    for tile in tiles:
+      state = packed_tile(state, tile, masked=False)
+    return state
+
+  def single(j, state, *, masked):
+    return packed_tile(state, load_tile(j), masked=masked)
+
+  state = (jnp.full((rows,), common.MASKED_MAX, jnp.float32),
+           jnp.zeros((rows,), jnp.float32),
+           tuple(jnp.zeros((rows, chunk), jnp.float32) for _ in chunks))
+  n_iter = (t_full - t0) // tiles_per_iter
+  state = jax.lax.fori_loop(0, n_iter, unmasked_iter, state)
+  state = jax.lax.fori_loop(t0 + n_iter * tiles_per_iter, t_full,
+                            functools.partial(single, masked=False), state)
+  state = jax.lax.fori_loop(t_full, t1, functools.partial(single, masked=True), state)
+  state = jax.lax.cond(split == num_splits - 1, residual_tile, lambda st: st, state)
+
+  m, l, accs = state
+  for (part, j_), acc in zip(chunks, accs):
+    out = reference.finalize(reference.SoftmaxState(m=m, l=l, acc=acc))
+    o_ref[:, pl.ds(part * width + j_ * chunk, chunk)] = out
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def _check_cache(q, packed: PackedKV, residual: ResidualKV, bits: int, group: int):
+  b, h, _, d = q.shape
+  t = packed.k_codes.shape[2]
+  w = d // codes_per_byte(bits)
+  gv = min(group, d)
+  expect = dict(
+      k_codes=(b, h, t, w), k_scale2=(b, h, t // group, d), k_zero=(b, h, t // group, d),
+      k_scale=(b, h, t), v_codes=(b, h, t, w), v_scale2=(b, h, t, d // gv),
+      v_zero=(b, h, t, d // gv), v_scale=(b, h, t))
+  for name, shape in expect.items():
+    if getattr(packed, name).shape != shape:
+      raise ValueError(f"packed.{name} has shape {getattr(packed, name).shape}, "
+                       f"expected {shape} for {bits=} {group=}")
+  if residual.k.shape != (b, h, group, d) or residual.v.shape != (b, h, group, d):
+    raise ValueError(f"residual k/v must be [B, H, G, D] = {(b, h, group, d)}")
+  if t % group:
+    raise ValueError(f"cache capacity {t=} must be a multiple of {group=}")
+  if not (_is_pow2(d) and _is_pow2(group) and group >= MIN_ROWS and w >= 8):
+    raise NotImplementedError(
+        f"head_dim={d} and group={group} must be powers of two (group >= {MIN_ROWS}, "
+        f"head_dim * bits / 8 >= 8)")
+  if gv % min(w, gv) or w % min(w, gv):
+    raise NotImplementedError(f"V groups of {gv} channels do not align with {bits=}")
+
+
+@functools.partial(
+    jax.jit, static_argnames=(
+        "bits", "group", "sas", "block_sizes", "interpret", "debug", "return_residuals"))
+def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, lengths, *,
+                  bits: int, group: int, sas: SASParams,
+                  block_sizes: BlockSizes | None = None, interpret: bool = False,
+                  debug: bool = False, return_residuals: bool = False):
+  """Attention of a few query rows over a progressive INT4/INT2 cache (split-K).
+
+  Args:
+    q: int8 [B, H, M, D], the query rows of each KV head (GQA group x new
+      tokens); q_scale: f32 [B, H, M] with the softmax scale folded in.
+    q_pos: int32 [B, M], each row's position (causal: keys ``<= q_pos``).
+    packed, residual: this bit width's cache arrays (``reference.PackedKV``,
+      ``reference.ResidualKV``).
+    lengths: int32 [B]; ``(lengths // group) * group`` tokens are packed, the
+      rest are in the residual window.
+    bits, group: 4 or 2; the stage-2 group (= the key tile).
+    block_sizes: ``BlockSizes``; ``None`` uses ``BlockSizes.get_default``.
+  Returns:
+    f32 [B, H, M, D] and, with ``return_residuals``, ``(m, l)`` [B, H, M].
+  """
+  b, h, m_rows, d = q.shape
+  _check_cache(q, packed, residual, bits, group)
+  t = packed.k_codes.shape[2]
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(
+        batch=b, num_kv_heads=h, head_dim=d, capacity=t, group=group, bits=bits)
+  splits = block_sizes.num_splits
+  rows = max(MIN_ROWS, _next_pow2(m_rows))
+  pad = rows - m_rows
+  if pad:
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    q_scale = jnp.pad(q_scale, ((0, 0), (0, 0), (0, pad)))
+    # Padded rows see every key (their output is dropped).
+    q_pos = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).max)
+  q_pos = jnp.broadcast_to(q_pos[:, None, :], (b, h, rows)).astype(jnp.int32)
+  lengths = jnp.asarray(lengths, jnp.int32)
+
+  def spec(*block):
+    nd = len(block)
+    return pl.BlockSpec((None, None) + block, lambda b_, h_, s_: (b_, h_) + (0,) * nd)
+
+  wb = packed.k_codes.shape[3]
+  gv = min(group, d)
+  in_specs = [
+      pl.BlockSpec((None,), lambda b_, h_, s_: (b_,)),
+      spec(rows, d), spec(rows), spec(rows),
+      spec(t, wb), spec(t // group, d), spec(t // group, d), spec(t),
+      spec(t, wb), spec(t, d // gv), spec(t, d // gv), spec(t),
+      spec(group, d), spec(group), spec(group, d), spec(group),
+  ]
+  out_specs = [
+      pl.BlockSpec((None, None, None, rows, d), lambda b_, h_, s_: (b_, h_, s_, 0, 0)),
+      pl.BlockSpec((None, None, None, rows), lambda b_, h_, s_: (b_, h_, s_, 0)),
+      pl.BlockSpec((None, None, None, rows), lambda b_, h_, s_: (b_, h_, s_, 0)),
+  ]
+  out_shape = [
+      jax.ShapeDtypeStruct((b, h, splits, rows, d), jnp.float32),
+      jax.ShapeDtypeStruct((b, h, splits, rows), jnp.float32),
+      jax.ShapeDtypeStruct((b, h, splits, rows), jnp.float32),
+  ]
+  kernel = functools.partial(
+      _decode_kernel, bits=bits, group=group, num_splits=splits, sas=sas,
+      tiles_per_iter=block_sizes.tiles_per_iter, dot_dtype=block_sizes.dot_dtype,
+      unpack=block_sizes.unpack)
+  outs, ms, ls = pl.pallas_call(
+      kernel,
+      grid=(b, h, splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=compat.triton_compiler_params(
+          num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
+      interpret=interpret,
+      debug=debug,
+      name=KERNEL_NAME,
+  )(lengths, q, q_scale.astype(jnp.float32), q_pos, *packed, *residual)
+  if splits == 1:
+    out, m, l = outs[:, :, 0], ms[:, :, 0], ls[:, :, 0]
+  else:
+    out, m, l = reference.combine_partial_results(
+        [outs[:, :, i] for i in range(splits)], [ms[:, :, i] for i in range(splits)],
+        [ls[:, :, i] for i in range(splits)], base=sas.base)
+  out, m, l = out[:, :, :m_rows], m[:, :, :m_rows], l[:, :, :m_rows]
+  if return_residuals:
+    return out, (m, l)
+  return out
+
+
+def flashq_decode_reference(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV,
+                            lengths, *, bits: int, group: int, sas: SASParams,
+                            block_sizes: BlockSizes | None = None,
+                            interpret: bool = False, debug: bool = False,
+                            return_residuals: bool = False):
+  """``flashq_decode`` in pure JAX: ``reference.flashq_decode_reference`` run on
+  each split's tiles (the residual window in the last split), then combined.
+
+  With one split this is exactly ``reference.flashq_decode_reference``.
+  """
+  del interpret, debug
+  b, h, _, d = q.shape
+  t = packed.k_codes.shape[2]
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(
+        batch=b, num_kv_heads=h, head_dim=d, capacity=t, group=group, bits=bits)
+  splits = block_sizes.num_splits
+  lengths = jnp.asarray(lengths, jnp.int32)
+  if splits == 1:
+    return reference.flashq_decode_reference(
+        q, q_scale, q_pos, packed, residual, lengths, bits=bits, group=group, sas=sas,
+        return_residuals=return_residuals)
+  n_tiles = t // group
+  tiles_per = -(-n_tiles // splits)                      # static bound per split
+  n_packed = lengths // group
+  per_split = (n_packed + splits - 1) // splits
+  token_axis = {"k_codes": 2, "k_scale": 2, "v_codes": 2, "v_scale2": 2,
+                "v_zero": 2, "v_scale": 2, "k_scale2": None, "k_zero": None}
+  outs, ms, ls = [], [], []
+  for s in range(splits):
+    start = jnp.minimum(s * per_split, n_packed)                       # [B]
+    count = jnp.minimum(start + per_split, n_packed) - start
+    tiles = jnp.minimum(start[:, None] + jnp.arange(tiles_per), n_tiles - 1)  # [B, n]
+    tokens = (tiles[:, :, None] * group + jnp.arange(group)).reshape(b, -1)
+
+    def take(x, idx):
+      idx = idx.reshape((b, 1, -1) + (1,) * (x.ndim - 3))
+      return jnp.take_along_axis(x, idx, axis=2)
+
+    view = PackedKV(**{
+        name: take(getattr(packed, name), tokens if axis is not None else tiles)
+        for name, axis in token_axis.items()})
+    last = s == splits - 1
+    view_lengths = count * group + (lengths % group if last else 0)
+    view_residual = residual if last else residual._replace(
+        v_scale=jnp.ones_like(residual.v_scale))  # masked there; avoids 0/0
+    out, (m, l) = reference.flashq_decode_reference(
+        q, q_scale, q_pos - (start * group)[:, None], view, view_residual, view_lengths,
+        bits=bits, group=group, sas=sas, return_residuals=True)
+    outs.append(out)
+    ms.append(m)
+    ls.append(l)
+  out, m, l = reference.combine_partial_results(outs, ms, ls, base=sas.base)
+  if return_residuals:
+    return out, (m, l)
+  return out

@@ -1,0 +1,340 @@
+"""FlashQ prefill attention in Pallas Triton: INT8 Q.K^T, SAS softmax, INT8 P.V.
+
+The algorithm of ``pallas_kernels.reference.flashq_prefill_reference``, tiled
+for the GPU: the grid runs over (batch, query head, query block); each program
+keeps its INT8 query block in registers and loops over key tiles:
+
+  s   = (q8 . k8^T)_int32 * q_scale * k_scale         (exponent units)
+  m, alpha, p = SAS online-softmax update              (common.online_softmax_update)
+  p8, p_scale = per-row dynamic INT8 quantization of p (common.quantize_rows)
+  acc = acc * alpha + (p8 . v8)_int32 * p_scale * v_scale[tile]
+  l   = l * alpha + sum(p8) * p_scale
+
+V arrives transposed (``v_t``: ``[B, Hk, D, Tk]``) so both int8 dots have a
+K-major second operand, the layout Hopper's 8-bit tensor-core path needs.
+Key tiles that every query row of the block would mask are never visited
+(causal / local-window / kv-length bounds), and tiles that no row masks run
+without the mask. GQA: query head ``h`` reads KV head ``h // (Hq // Hk)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import common, compat, reference, tuned_block_sizes
+from pallas_kernels.sas import SASParams
+
+KERNEL_NAME = "flashq_prefill"
+MIN_BLOCK = 16  # smallest tensor-core tile edge Triton accepts for a dot
+_NUM_WARPS = (1, 2, 4, 8, 16)
+
+
+def _is_pow2(n: int) -> bool:
+  return n > 0 and not n & (n - 1)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class BlockSizes:
+  """Tiles and launch parameters of ``flashq_prefill``.
+
+  Attributes:
+    block_q: query rows per program (the M of both dots).
+    block_k: keys per tile; also the V scale tile, so the dispatcher must
+      quantize V with this block (call ``get_default`` before quantizing).
+    num_warps, num_stages: Triton launch parameters.
+    pv_dtype: operands of the P.V dot. "int8": int8 x int8 -> int32.
+      "float16": the same integer values (P codes 0..127, V codes) as f16
+      with f32 accumulation, exact (products < 2**14, sums < 2**24 for
+      block_k <= 1024), which spares Triton the shared-memory round trip of
+      an 8-bit A operand built from the accumulator layout.
+  """
+
+  block_q: int = 128
+  block_k: int = 64
+  num_warps: int = 8
+  num_stages: int = 2
+  pv_dtype: str = "int8"
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < MIN_BLOCK or not _is_pow2(value):
+        raise ValueError(f"{name}={value!r} must be a power of two >= {MIN_BLOCK}")
+    if self.num_warps not in _NUM_WARPS:
+      raise ValueError(f"num_warps={self.num_warps!r} must be one of {_NUM_WARPS}")
+    if not isinstance(self.num_stages, int) or self.num_stages < 1:
+      raise ValueError(f"num_stages={self.num_stages!r} must be an int >= 1")
+    if self.pv_dtype not in ("int8", "float16"):
+      raise ValueError(f"pv_dtype={self.pv_dtype!r} must be 'int8' or 'float16'")
+    if self.block_k > 1024:
+      raise ValueError(f"block_k={self.block_k} must be <= 1024 (exact f32 sums)")
+
+  @classmethod
+  def get_default(cls, *, head_dim: int, seq_len_q: int, seq_len_k: int,
+                  device_kind: str | None = None, dtype: str = "int8") -> BlockSizes:
+    """Tuned sizes for this device and shape (heuristic when untuned).
+
+    Callable before quantizing: ``block_k`` is the V scale tile. Blocks are
+    clamped to the (power-of-two rounded) sequence lengths.
+    """
+    if device_kind is None:
+      device_kind = tuned_block_sizes.current_device_kind()
+    entry = tuned_block_sizes.lookup(
+        KERNEL_NAME, device_kind=device_kind, dtype=dtype, head_dim=head_dim,
+        seq_len=seq_len_k)
+    if entry is None:
+      # Heuristic: 128-row query blocks over 64-key tiles keep both int8 dots
+      # on the tensor cores with a few tiles in flight; large head_dim tiles
+      # need more registers, hence 8 warps.
+      entry = dict(block_q=128, block_k=64, num_warps=8 if head_dim > 64 else 4,
+                   num_stages=2)
+    entry["block_q"] = max(MIN_BLOCK, min(entry["block_q"], _next_pow2(seq_len_q)))
+    entry["block_k"] = max(MIN_BLOCK, min(entry["block_k"], _next_pow2(seq_len_k)))
+    return cls(**entry)
+
+
+def _floordiv(a, b: int):
+  return jnp.floor_divide(a, b)
+
+
+def _cdiv(a, b: int):
+  return -jnp.floor_divide(-a, b)
+
+
+def _prefill_kernel(
+    offset_ref,   # [] int32: position of query 0 among the keys
+    q_len_ref,    # [] int32: valid query rows
+    kv_len_ref,   # [] int32: valid keys
+    q_ref,        # [block_q, D] int8
+    q_scale_ref,  # [block_q] f32 (softmax scale folded in)
+    k_ref,        # [Tk, D] int8
+    k_scale_ref,  # [Tk] f32
+    v_t_ref,      # [D, Tk] int8
+    v_scale_ref,  # [Tk // block_k] f32
+    o_ref,        # [block_q, D]
+    *residual_refs,  # m, l: [block_q] f32
+    sas: SASParams, causal: bool, local_window, block_q: int, block_k: int,
+    pv_dtype: str):
+  num_k_tiles = k_ref.shape[0] // block_k
+  row0 = pl.program_id(2) * block_q
+  offset = offset_ref[()]
+  q_len = q_len_ref[()]
+  kv_len = kv_len_ref[()]
+
+  # Key tiles to visit, [lo, hi), and the unmasked middle run [lo_full, hi_full).
+  n_rows = jnp.clip(q_len - row0, 0, block_q)
+  q_first = offset + row0
+  q_last = q_first + jnp.maximum(n_rows, 1) - 1
+  lo = jnp.int32(0)
+  lo_full = jnp.int32(0)
+  hi = jnp.minimum(num_k_tiles, _cdiv(kv_len, block_k))
+  hi_full = jnp.minimum(num_k_tiles, _floordiv(kv_len, block_k))
+  if causal:
+    hi = jnp.minimum(hi, _floordiv(q_last, block_k) + 1)
+    hi_full = jnp.minimum(hi_full, _floordiv(q_first + 1, block_k))
+  if local_window is not None:
+    left, right = local_window
+    lo = jnp.maximum(lo, _floordiv(q_first - left, block_k))
+    hi = jnp.minimum(hi, _floordiv(q_last + right, block_k) + 1)
+    lo_full = jnp.maximum(lo_full, _cdiv(q_last - left, block_k))
+    hi_full = jnp.minimum(hi_full, _floordiv(q_first + right + 1, block_k))
+  hi = jnp.where(n_rows > 0, jnp.maximum(hi, lo), lo)
+  lo_full = jnp.clip(lo_full, lo, hi)
+  hi_full = jnp.clip(hi_full, lo_full, hi)
+
+  q = q_ref[...]
+  q_scale = q_scale_ref[...]
+  q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)
+
+  def tile(j, carry, *, masked: bool):
+    m, l, acc = carry
+    start = pl.multiple_of(j * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]                        # [bk, D] int8
+    s = compat.triton_dot(q, k, trans_b=True, preferred_element_type=jnp.int32)
+    s = s.astype(jnp.float32) * q_scale[:, None] * k_scale_ref[pl.ds(start, block_k)][None, :]
+    if masked:
+      k_pos = start + jnp.arange(block_k, dtype=jnp.int32)
+      keep = common.attention_mask(q_pos, k_pos, causal=causal,
+                                   local_window=local_window, kv_len=kv_len)
+    else:
+      keep = True
+    m_new, alpha, p = common.online_softmax_update(m, s, keep, sas)
+    p_q, p_scale = common.quantize_rows(p)                     # [bq, bk] int8
+    v_t = v_t_ref[:, pl.ds(start, block_k)]                    # [D, bk] int8
+    if pv_dtype == "int8":
+      pv = compat.triton_dot(p_q, v_t, trans_b=True, preferred_element_type=jnp.int32)
+    else:  # exact: integer-valued f16 operands, f32 sums below 2**24
+      pv = compat.triton_dot(p_q.astype(jnp.float16), v_t.astype(jnp.float16),
+                             trans_b=True, preferred_element_type=jnp.float32)
+    pv = pv.astype(jnp.float32) * (p_scale * v_scale_ref[j])[:, None]
+    l_tile = jnp.sum(p_q.astype(jnp.float32), axis=-1) * p_scale
+    return m_new, l * alpha + l_tile, acc * alpha[:, None] + pv
+
+  head_dim = q_ref.shape[-1]
+  carry = (jnp.full((block_q,), common.MASKED_MAX, jnp.float32),
+           jnp.zeros((block_q,), jnp.float32),
+           jnp.zeros((block_q, head_dim), jnp.float32))
+  masked_tile = functools.partial(tile, masked=True)
+  if local_window is not None:
+    carry = jax.lax.fori_loop(lo, lo_full, masked_tile, carry)
+  carry = jax.lax.fori_loop(lo_full, hi_full, functools.partial(tile, masked=False), carry)
+  carry = jax.lax.fori_loop(hi_full, hi, masked_tile, carry)
+  m, l, acc = carry
+
+  row_valid = row0 + jnp.arange(block_q, dtype=jnp.int32) < q_len
+  out = reference.finalize(reference.SoftmaxState(m=m, l=l, acc=acc))
+  o_ref[...] = jnp.where(row_valid[:, None], out, 0.0).astype(o_ref.dtype)
+  if residual_refs:
+    m_ref, l_ref = residual_refs
+    m_ref[...] = jnp.where(row_valid, m, common.MASKED_MAX)
+    l_ref[...] = jnp.where(row_valid, l, 0.0)
+
+
+def _pad_to(x, axis: int, size: int):
+  extra = size - x.shape[axis]
+  if not extra:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, extra)
+  return jnp.pad(x, pads)
+
+
+@functools.partial(
+    jax.jit, static_argnames=(
+        "sas", "causal", "local_window", "block_sizes", "interpret", "debug",
+        "return_residuals", "out_dtype", "out_layout"))
+def flashq_prefill(
+    q, q_scale, k, k_scale, v_t, v_scale, *, sas: SASParams, causal: bool = False,
+    query_offset=0, q_lengths=None, kv_lengths=None, local_window=None,
+    block_sizes: BlockSizes | None = None, interpret: bool = False,
+    debug: bool = False, return_residuals: bool = False, out_dtype=jnp.float32,
+    out_layout: str = "bhtd"):
+  """FlashQ prefill over INT8 Q/K/V (V transposed), Pallas Triton.
+
+  Args:
+    q: int8 [B, Hq, Tq, D]; q_scale: f32 [B, Hq, Tq], per token, softmax scale
+      (and ``log2 e`` for base 2) folded in.
+    k: int8 [B, Hk, Tk, D] (smoothed); k_scale: f32 [B, Hk, Tk].
+    v_t: int8 [B, Hk, D, Tk]; v_scale: f32 [B, Hk, Tk // block_k], one scale
+      per key tile (this shape fixes ``block_k``).
+    sas: SAS exponent parameters (``exact=True``: ``exp2``, no sparsity).
+    causal: keep keys at positions ``<= query_offset + i`` for query ``i``.
+    query_offset: int or int32 [B].
+    q_lengths, kv_lengths: optional int32 [B] valid lengths.
+    local_window: optional static ``(left, right)``.
+    block_sizes: ``BlockSizes``; ``None`` uses ``BlockSizes.get_default`` with
+      ``block_k`` taken from ``v_scale``. ``Tq`` need not be a multiple of
+      ``block_q`` (the query block is padded here).
+    out_dtype: dtype of the output (the reference returns f32).
+    out_layout: "bhtd" ([B, Hq, Tq, D]) or "bthd" ([B, Tq, Hq, D], the
+      ``jax.nn.dot_product_attention`` layout, written in place).
+  Returns:
+    [B, Hq, Tq, D] ``out_dtype`` (rows with no visible key are 0) and, with
+    ``return_residuals``, ``(m, l)`` f32 [B, Hq, Tq] in the exponent's units.
+  """
+  b, hq, tq, d = q.shape
+  hk, tk = k.shape[1], k.shape[2]
+  if out_layout not in ("bhtd", "bthd"):
+    raise ValueError(f"{out_layout=} must be 'bhtd' or 'bthd'")
+  if hq % hk:
+    raise ValueError(f"query heads {hq=} must be a multiple of KV heads {hk=}")
+  if v_t.shape != (b, hk, d, tk):
+    raise ValueError(f"v_t must be [B, Hk, D, Tk] = {(b, hk, d, tk)}, got {v_t.shape}")
+  if q_scale.shape != (b, hq, tq) or k_scale.shape != (b, hk, tk):
+    raise ValueError(f"scale shapes {q_scale.shape=} {k_scale.shape=} do not match")
+  n_v_tiles = v_scale.shape[-1]
+  if v_scale.shape != (b, hk, n_v_tiles) or tk % n_v_tiles:
+    raise ValueError(f"v_scale {v_scale.shape} must be [B, Hk, Tk // block_k] for {tk=}")
+  block_k = tk // n_v_tiles
+  if block_sizes is None:
+    block_sizes = dataclasses.replace(
+        BlockSizes.get_default(head_dim=d, seq_len_q=tq, seq_len_k=tk), block_k=block_k)
+  elif block_sizes.block_k != block_k:
+    raise ValueError(
+        f"{block_sizes.block_k=} differs from the V scale tile {block_k=} "
+        f"(Tk={tk}, {n_v_tiles} V scales)")
+  block_q = block_sizes.block_q
+  tq_pad = -(-tq // block_q) * block_q
+  d_pad = max(MIN_BLOCK, _next_pow2(d))
+  if tq_pad != tq:
+    q, q_scale = _pad_to(q, 2, tq_pad), _pad_to(q_scale, 2, tq_pad)
+  if d_pad != d:  # zero channels change no integer dot
+    q, k, v_t = _pad_to(q, 3, d_pad), _pad_to(k, 3, d_pad), _pad_to(v_t, 2, d_pad)
+
+  offset = jnp.broadcast_to(jnp.asarray(query_offset, jnp.int32), (b,))
+  q_len = jnp.full((b,), tq, jnp.int32) if q_lengths is None else (
+      jnp.minimum(jnp.asarray(q_lengths, jnp.int32), tq))
+  kv_len = jnp.full((b,), tk, jnp.int32) if kv_lengths is None else (
+      jnp.minimum(jnp.asarray(kv_lengths, jnp.int32), tk))
+
+  groups = hq // hk
+  scalar = pl.BlockSpec((None,), lambda b_, h, i: (b_,))
+  in_specs = [
+      scalar, scalar, scalar,
+      pl.BlockSpec((None, None, block_q, d_pad), lambda b_, h, i: (b_, h, i, 0)),
+      pl.BlockSpec((None, None, block_q), lambda b_, h, i: (b_, h, i)),
+      pl.BlockSpec((None, None, tk, d_pad), lambda b_, h, i: (b_, h // groups, 0, 0)),
+      pl.BlockSpec((None, None, tk), lambda b_, h, i: (b_, h // groups, 0)),
+      pl.BlockSpec((None, None, d_pad, tk), lambda b_, h, i: (b_, h // groups, 0, 0)),
+      pl.BlockSpec((None, None, n_v_tiles), lambda b_, h, i: (b_, h // groups, 0)),
+  ]
+  if out_layout == "bhtd":
+    out_shape = [jax.ShapeDtypeStruct((b, hq, tq_pad, d_pad), out_dtype)]
+    out_specs = [pl.BlockSpec((None, None, block_q, d_pad), lambda b_, h, i: (b_, h, i, 0))]
+  else:
+    out_shape = [jax.ShapeDtypeStruct((b, tq_pad, hq, d_pad), out_dtype)]
+    out_specs = [pl.BlockSpec((None, block_q, None, d_pad), lambda b_, h, i: (b_, i, h, 0))]
+  if return_residuals:
+    out_shape += [jax.ShapeDtypeStruct((b, hq, tq_pad), jnp.float32)] * 2
+    out_specs += [pl.BlockSpec((None, None, block_q), lambda b_, h, i: (b_, h, i))] * 2
+
+  kernel = functools.partial(
+      _prefill_kernel, sas=sas, causal=causal, local_window=local_window,
+      block_q=block_q, block_k=block_k, pv_dtype=block_sizes.pv_dtype)
+  outs = pl.pallas_call(
+      kernel,
+      grid=(b, hq, tq_pad // block_q),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=compat.triton_compiler_params(
+          num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
+      interpret=interpret,
+      debug=debug,
+      name=KERNEL_NAME,
+  )(offset, q_len, kv_len, q, q_scale.astype(jnp.float32), k,
+    k_scale.astype(jnp.float32), v_t, v_scale.astype(jnp.float32))
+  out = outs[0][:, :, :tq, :d] if out_layout == "bhtd" else outs[0][:, :tq, :, :d]
+  if return_residuals:
+    return out, (outs[1][:, :, :tq], outs[2][:, :, :tq])
+  return out
+
+
+def flashq_prefill_reference(
+    q, q_scale, k, k_scale, v_t, v_scale, *, sas: SASParams, causal: bool = False,
+    query_offset=0, q_lengths=None, kv_lengths=None, local_window=None,
+    block_sizes: BlockSizes | None = None, interpret: bool = False,
+    debug: bool = False, return_residuals: bool = False, out_dtype=jnp.float32,
+    out_layout: str = "bhtd"):
+  """``flashq_prefill``'s inputs through ``reference.flashq_prefill_reference``."""
+  del block_sizes, interpret, debug  # the reference has no tiles but block_k
+  block_k = k.shape[2] // v_scale.shape[-1]
+  res = reference.flashq_prefill_reference(
+      q, q_scale, k, k_scale, jnp.swapaxes(v_t, -1, -2), v_scale, block_k=block_k,
+      sas=sas, causal=causal, query_offset=query_offset, q_lengths=q_lengths,
+      kv_lengths=kv_lengths, local_window=local_window,
+      return_residuals=return_residuals)
+  out, residuals = res if return_residuals else (res, None)
+  out = out.astype(out_dtype)
+  if out_layout == "bthd":
+    out = jnp.swapaxes(out, 1, 2)
+  return (out, residuals) if return_residuals else out

@@ -1,0 +1,281 @@
+"""Fused stage-1 INT8 quantization of Q, K and V for the FlashQ prefill kernel.
+
+One Pallas Triton pass per tensor turns float activations into exactly the
+inputs of ``flashq_prefill``:
+
+  q:   int8 [B, Hq, Tq, D], q_scale f32 [B, Hq, Tq] (block scale repeated per
+       token, times ``sm_scale`` and ``log2 e`` when folded)
+  k:   int8 [B, Hk, Tk, D] of ``K - mean_valid(K)`` (per channel, when
+       ``smooth_k``), k_scale f32 [B, Hk, Tk]
+  v_t: int8 [B, Hk, D, Tk] (transposed in registers), v_scale f32
+       [B, Hk, Tk // block_k]
+
+The rule is the library's (``turbojax.quant.quantize_int8_sym``):
+``scale = absmax / 127`` (1 for an all-zero tile) and
+``code = clip(round_half_up(x / scale), -127, 127)``, one scale per head and
+block of tokens (or per token). The compiled kernels divide with IEEE
+rounding (``compat.precise_div``) so the codes match XLA's bit for bit. The
+per-channel mean of K is one XLA reduction before the kernel (it needs every
+key of a head; a grid over tiles keeps the whole GPU busy for the rest).
+Inputs may be ``[B, H, T, D]`` (``layout="bhtd"``) or the API's ``[B, T, H, D]``
+(``layout="bthd"``), read in place without a transpose pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import common, compat
+from pallas_kernels.sas import LOG2_E
+
+KERNEL_NAME = "flashq_quantize"
+INT8_MAX = 127.0
+_LAYOUTS = ("bhtd", "bthd")
+_NUM_WARPS = 4
+
+
+class QuantizedQKV(NamedTuple):
+  """``flashq_prefill``'s first six inputs, in its argument order."""
+
+  q: jax.Array        # int8 [B, Hq, Tq, D]
+  q_scale: jax.Array  # f32 [B, Hq, Tq]
+  k: jax.Array        # int8 [B, Hk, Tk, D]
+  k_scale: jax.Array  # f32 [B, Hk, Tk]
+  v_t: jax.Array      # int8 [B, Hk, D, Tk]
+  v_scale: jax.Array  # f32 [B, Hk, Tk // block_k]
+
+
+def _scale_of(absmax, *, interpret: bool = True):
+  """``absmax / 127`` (IEEE division in compiled kernels too), 1 for 0."""
+  scale = compat.precise_div(absmax, jnp.full(jnp.shape(absmax), INT8_MAX, jnp.float32),
+                             interpret=interpret)
+  return jnp.where(absmax > 0, scale, 1.0)
+
+
+def _codes(x, scale, *, interpret: bool):
+  x = compat.precise_div(x, scale, interpret=interpret)
+  return jnp.clip(common.round_half_up(x), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+
+
+def _qk_kernel(
+    len_ref,     # [] int32: valid tokens (smoothing only)
+    x_ref,       # [block, D] float
+    mean_ref,    # [D] f32 (smoothing only)
+    codes_ref,   # [block, D] int8
+    scale_ref,   # [block] f32
+    *, block: int, per_token: bool, factor: float | None, smooth: bool,
+    interpret: bool):
+  x = x_ref[...].astype(jnp.float32)
+  if smooth:
+    t = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
+    valid = t < len_ref[()]
+    x = jnp.where(valid[:, None], x - mean_ref[...][None, :], 0.0)
+  absmax = jnp.max(jnp.abs(x), axis=-1)
+  if not per_token:  # one scale per block, kept as a [block] vector (no scalars)
+    absmax = jnp.broadcast_to(jnp.max(absmax), (block,))
+  scale = _scale_of(absmax, interpret=interpret)                  # [block]
+  codes_ref[...] = _codes(x, scale[:, None], interpret=interpret)
+  scale_ref[...] = scale if factor is None else scale * factor
+
+
+def _v_kernel(
+    x_ref,       # [block, D] float
+    codes_ref,   # [D, block] int8 (transposed)
+    scale_ref,   # [] f32
+    *, interpret: bool):
+  x = x_ref[...].astype(jnp.float32)
+  absmax = jnp.broadcast_to(jnp.max(jnp.abs(x)), (x.shape[0],))
+  scale = _scale_of(absmax, interpret=interpret)                  # [block], all equal
+  codes_ref[...] = _codes(x, scale[:, None], interpret=interpret).T
+  scale_ref[()] = jnp.max(scale)
+
+
+def _to_bhtd_spec(layout: str, block: int, d: int, head_of=lambda h: h):
+  """BlockSpec of a ``[block, D]`` tile of a float input in ``layout``."""
+  if layout == "bhtd":
+    return pl.BlockSpec((None, None, block, d), lambda b, h, t: (b, head_of(h), t, 0))
+  return pl.BlockSpec((None, block, None, d), lambda b, h, t: (b, t, head_of(h), 0))
+
+
+def _dims(x, layout: str):
+  if layout == "bhtd":
+    b, h, t, d = x.shape
+  else:
+    b, t, h, d = x.shape
+  return b, h, t, d
+
+
+def _pad_tokens(x, layout: str, multiple: int):
+  axis = 2 if layout == "bhtd" else 1
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  pads = [(0, 0)] * 4
+  pads[axis] = (0, extra)
+  return jnp.pad(x, pads)
+
+
+def key_mean(k, kv_lengths, *, layout: str = "bhtd"):
+  """Per-channel mean of K over valid keys, f32 ``[B, H, D]`` (library formula)."""
+  kf = k.astype(jnp.float32)
+  if layout == "bthd":
+    kf = jnp.transpose(kf, (0, 2, 1, 3))
+  b, _, t, _ = kf.shape
+  if kv_lengths is None:
+    valid = jnp.ones((b, t), jnp.bool_)
+  else:
+    valid = jnp.arange(t)[None, :] < jnp.asarray(kv_lengths)[:, None]
+  valid = valid[:, None, :, None]
+  count = jnp.maximum(jnp.sum(valid, axis=2, keepdims=True), 1)
+  return (jnp.sum(jnp.where(valid, kf, 0.0), axis=2, keepdims=True) / count)[:, :, 0]
+
+
+def _quantize_qk(x, lengths, mean, *, layout, block, per_token, factor, smooth,
+                 interpret, debug, name):
+  x = _pad_tokens(x, layout, block)
+  b, h, t, d = _dims(x, layout)
+  in_specs = [pl.BlockSpec((None,), lambda b_, h_, t_: (b_,)),
+              _to_bhtd_spec(layout, block, d)]
+  if smooth:
+    in_specs.append(pl.BlockSpec((None, None, d), lambda b_, h_, t_: (b_, h_, 0)))
+  else:
+    in_specs.append(None)
+  kernel = functools.partial(
+      _qk_kernel, block=block, per_token=per_token, factor=factor, smooth=smooth,
+      interpret=interpret)
+  return pl.pallas_call(
+      kernel,
+      grid=(b, h, t // block),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, None, block, d), lambda b_, h_, t_: (b_, h_, t_, 0)),
+                 pl.BlockSpec((None, None, block), lambda b_, h_, t_: (b_, h_, t_))],
+      out_shape=[jax.ShapeDtypeStruct((b, h, t, d), jnp.int8),
+                 jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+      compiler_params=compat.triton_compiler_params(num_warps=_NUM_WARPS, num_stages=1),
+      interpret=interpret, debug=debug, name=name,
+  )(lengths, x, mean)
+
+
+def _quantize_v(x, *, layout, block, interpret, debug):
+  x = _pad_tokens(x, layout, block)
+  b, h, t, d = _dims(x, layout)
+  return pl.pallas_call(
+      functools.partial(_v_kernel, interpret=interpret),
+      grid=(b, h, t // block),
+      in_specs=[_to_bhtd_spec(layout, block, d)],
+      out_specs=[pl.BlockSpec((None, None, d, block), lambda b_, h_, t_: (b_, h_, 0, t_)),
+                 pl.BlockSpec((None, None, None), lambda b_, h_, t_: (b_, h_, t_))],
+      out_shape=[jax.ShapeDtypeStruct((b, h, d, t), jnp.int8),
+                 jax.ShapeDtypeStruct((b, h, t // block), jnp.float32)],
+      compiler_params=compat.triton_compiler_params(num_warps=_NUM_WARPS, num_stages=1),
+      interpret=interpret, debug=debug, name=KERNEL_NAME + "_v",
+  )(x)
+
+
+def _check(q, k, v, layout, block_q, block_k):
+  if layout not in _LAYOUTS:
+    raise ValueError(f"{layout=} must be one of {_LAYOUTS}")
+  for name, block in (("block_q", block_q), ("block_k", block_k)):
+    if block < 16 or block & (block - 1):
+      raise ValueError(f"{name}={block} must be a power of two >= 16")
+  bq, hq, _, d = _dims(q, layout)
+  bk, hk, tk, dk = _dims(k, layout)
+  if _dims(v, layout) != (bk, hk, tk, dk) or (bq, d) != (bk, dk) or hq % hk:
+    raise ValueError(f"incompatible shapes {q.shape=} {k.shape=} {v.shape=} for {layout=}")
+  if d & (d - 1) or d < 16:
+    raise NotImplementedError(f"head_dim {d} must be a power of two >= 16 here")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be floating point, got {x.dtype}")
+
+
+@functools.partial(
+    jax.jit, static_argnames=(
+        "block_q", "block_k", "sm_scale", "log2e_fold", "smooth_k", "per_token",
+        "layout", "interpret", "debug"))
+def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
+                 log2e_fold: bool, smooth_k: bool, kv_lengths=None,
+                 per_token: bool = False, layout: str = "bhtd",
+                 interpret: bool = False, debug: bool = False) -> QuantizedQKV:
+  """Float Q/K/V -> ``QuantizedQKV`` (the prefill kernel's INT8 inputs).
+
+  Args:
+    q: float [B, Hq, Tq, D]; k, v: float [B, Hk, Tk, D] (``layout="bthd"``:
+      [B, T, H, D]).
+    block_q, block_k: tokens per Q and per K/V scale; ``block_k`` must be the
+      prefill kernel's key tile. Tokens are zero-padded to these multiples.
+    sm_scale: softmax scale folded into ``q_scale`` (with ``log2 e`` when
+      ``log2e_fold``, for the base-2 exponent).
+    smooth_k: subtract K's per-channel mean over the first ``kv_lengths`` keys
+      (keys past it become 0), as the library does.
+    per_token: one Q/K scale per token instead of per block (V stays per tile).
+  """
+  _check(q, k, v, layout, block_q, block_k)
+  b = q.shape[0]
+  factor = sm_scale * (LOG2_E if log2e_fold else 1.0)
+  lengths = jnp.zeros((b,), jnp.int32)
+  q8, q_scale = _quantize_qk(
+      q, lengths, None, layout=layout, block=block_q, per_token=per_token,
+      factor=factor, smooth=False, interpret=interpret, debug=debug,
+      name=KERNEL_NAME + "_q")
+  if smooth_k:
+    tk = _dims(k, layout)[2]
+    lengths = (jnp.full((b,), tk, jnp.int32) if kv_lengths is None
+               else jnp.asarray(kv_lengths, jnp.int32))
+    mean = key_mean(k, kv_lengths, layout=layout)
+  else:
+    mean = None
+  k8, k_scale = _quantize_qk(
+      k, lengths, mean, layout=layout, block=block_k, per_token=per_token,
+      factor=None, smooth=smooth_k, interpret=interpret, debug=debug,
+      name=KERNEL_NAME + "_k")
+  v_t, v_scale = _quantize_v(v, layout=layout, block=block_k, interpret=interpret,
+                             debug=debug)
+  return QuantizedQKV(q8, q_scale, k8, k_scale, v_t, v_scale)
+
+
+def quantize_qkv_reference(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
+                           log2e_fold: bool, smooth_k: bool, kv_lengths=None,
+                           per_token: bool = False, layout: str = "bhtd",
+                           interpret: bool = False, debug: bool = False) -> QuantizedQKV:
+  """Pure-JAX ``quantize_qkv`` (same inputs, same outputs)."""
+  del interpret, debug
+  _check(q, k, v, layout, block_q, block_k)
+
+  def bhtd(x):
+    return x if layout == "bhtd" else jnp.transpose(x, (0, 2, 1, 3))
+
+  def quant(x, block, per_token):
+    """Codes, per-tile scales and per-token scales of ``[B, H, T, D]``."""
+    x = x.astype(jnp.float32)
+    b, h, t, d = x.shape
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, -t % block), (0, 0)))
+    if per_token:
+      scale = _scale_of(jnp.max(jnp.abs(x), axis=-1))             # [B, H, T]
+      full = scale
+    else:
+      tiles = x.reshape(b, h, -1, block, d)
+      scale = _scale_of(jnp.max(jnp.abs(tiles), axis=(-2, -1)))   # [B, H, T/block]
+      full = jnp.repeat(scale, block, axis=-1)
+    # IEEE division (XLA:CPU would multiply by a reciprocal of a broadcast).
+    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(full[..., None], x.shape))
+    codes = jnp.clip(common.round_half_up(x / divisor), -INT8_MAX, INT8_MAX)
+    return codes.astype(jnp.int8), scale, full
+
+  factor = sm_scale * (LOG2_E if log2e_fold else 1.0)
+  q8, _, q_full = quant(bhtd(q), block_q, per_token)
+  kf = bhtd(k).astype(jnp.float32)
+  if smooth_k:
+    mean = key_mean(k, kv_lengths, layout=layout)
+    tk = kf.shape[2]
+    lengths = jnp.full((kf.shape[0],), tk) if kv_lengths is None else jnp.asarray(kv_lengths)
+    valid = (jnp.arange(tk)[None, :] < lengths[:, None])[:, None, :, None]
+    kf = jnp.where(valid, kf - mean[:, :, None, :], 0.0)
+  k8, _, k_full = quant(kf, block_k, per_token)
+  v8, v_scale, _ = quant(bhtd(v), block_k, False)
+  return QuantizedQKV(q8, q_full * factor, k8, k_full, jnp.swapaxes(v8, -1, -2), v_scale)
