@@ -6,7 +6,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from turbojax import quant
-from turbojax.quant import quantize as Q
 
 @st.composite
 def int8_arrays(draw):

@@ -6,7 +6,6 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from turbojax import _validation as v

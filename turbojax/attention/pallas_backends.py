@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 
-import jax.numpy as jnp
 
 from pallas_kernels.gpu import flashq_decode as gpu_decode
 from pallas_kernels.gpu import flashq_prefill as gpu_prefill

@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.reference import ResidualKV
+from turbojax.attention.base import Call
 from turbojax.config import TurboConfig
+from turbojax.kv_cache import QuantizedKVCache
 from turbojax.quant import QArray, dequantize, quantize_int8_sym
 from turbojax.quant.qarray import expand_scale
 

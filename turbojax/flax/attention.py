@@ -83,6 +83,14 @@ def _flatten_bias_or_mask(x, batch_dims: tuple[int, ...]):
   return x.reshape((math.prod(batch_dims),) + x.shape[nb:])
 
 
+def _as_bool(mask):
+  """Flax masks may be float (``make_causal_mask`` gives 1.0/0.0): nonzero keeps."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
 def make_attention_fn(config: TurboConfig | None = None,
                       implementation: str | Sequence[str] | None = None):
   """A drop-in ``attention_fn`` running ``turbojax.dot_product_attention``.
@@ -142,7 +150,7 @@ def make_attention_fn(config: TurboConfig | None = None,
     q4, k4, v4 = (_flatten_batch(x, batch_dims) for x in (query, key, value))
     out = dot_product_attention(
         q4, k4, v4, bias=_flatten_bias_or_mask(bias, batch_dims),
-        mask=_flatten_bias_or_mask(mask, batch_dims), is_causal=is_causal, config=config,
+        mask=_flatten_bias_or_mask(_as_bool(mask), batch_dims), is_causal=is_causal, config=config,
         implementation=implementation)
     return out.reshape(batch_dims + out.shape[1:])
 
@@ -415,7 +423,7 @@ class TurboAttention(nnx.Module):
       if self.use_rope:
         query = apply_rope(query, jnp.arange(query.shape[-3]), self.rope_theta)
         key = apply_rope(key, jnp.arange(key.shape[-3]), self.rope_theta)
-      out = dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+      out = dot_product_attention(query, key, value, mask=_as_bool(mask), is_causal=is_causal,
                                   config=self.config, implementation=self.implementation)
     return self.out(out)
 
