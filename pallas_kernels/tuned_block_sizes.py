@@ -20,8 +20,24 @@ from typing import Any
 MIN_BUCKET = 128
 MAX_BUCKET = 1 << 17
 
+H100_SXM = "NVIDIA H100 80GB HBM3"
+
 # (kernel, device_kind, dtype, head_dim, seq_bucket) -> BlockSizes fields.
+# Decode entries give ``num_programs`` (the grid size to aim for); the kernel
+# turns it into splits per (batch, KV head).
 TUNED_BLOCK_SIZES: dict[tuple[str, str, str, int, int], dict[str, Any]] = {
+    # benchmarks/kernels_gpu.py --sweep/--final, B2 T4096 H32 D128 (2026-11-23):
+    # 64x64 tiles, 4 warps, 3 stages beat 128-row tiles (8 warps) and 128-key
+    # tiles by 15-40%; int8 P.V beat f16 P.V by 25%.
+    ("flashq_prefill", H100_SXM, "int8", 128, 4096): dict(
+        block_q=64, block_k=64, num_warps=4, num_stages=3, pv_dtype="int8"),
+    # B32 T8192 Hq32 Hkv8 D128: ~1024 programs (4 splits x 256 heads), one tile
+    # per iteration (2 and 4 spill), 4 warps; "int8" unpack beat "fold" 1.8x.
+    ("flashq_decode", H100_SXM, "int4", 128, 8192): dict(
+        num_programs=1024, tiles_per_iter=1, num_warps=4, num_stages=2, unpack="int8"),
+    # Half the KV heads INT2 (4 heads per call): 8 splits x 128 = 1024 programs.
+    ("flashq_decode", H100_SXM, "int2", 128, 8192): dict(
+        num_programs=1024, tiles_per_iter=1, num_warps=4, num_stages=2, unpack="int8"),
 }
 
 

@@ -23,9 +23,12 @@ def _kernel_block_k(impl, q, k):
       head_dim=q.shape[-1], seq_len_q=q.shape[1], seq_len_k=k.shape[1]).block_k
 
 
-@pytest.mark.parametrize("impl", ["mosaic_tpu", "triton"])
+@pytest.mark.parametrize("impl, bound", [("mosaic_tpu", 1e-4), ("triton", 2e-3)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_prefill_matches_xla(impl, causal):
+def test_prefill_matches_xla(impl, bound, causal):
+  """The triton backend runs exp2 instead of the SAS polynomial (its measured
+  choice), so it matches to the polynomial's 1.4e-4 fit error and the P codes
+  that flips: close, not equal."""
   q, k, v = random_qkv(0, 1, 100, 250, 8, 2, 64)
   config = turbojax.TurboConfig(interpret=True, sas_dtype="float32",
                                 block_k=_kernel_block_k(impl, q, k))
@@ -34,7 +37,7 @@ def test_prefill_matches_xla(impl, causal):
                 config=config)
   out = turbojax.dot_product_attention(q, k, v, implementation=impl, **kwargs)
   ref = turbojax.dot_product_attention(q, k, v, implementation="xla", **kwargs)
-  assert relative_error(out, ref) <= 1e-4
+  assert relative_error(out, ref) <= bound
   exact = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
                                        is_causal=False) if not causal else None
   if exact is not None:

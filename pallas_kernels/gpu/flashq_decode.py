@@ -105,7 +105,7 @@ class BlockSizes:
   def get_default(cls, *, batch: int, num_kv_heads: int, head_dim: int,
                   capacity: int, group: int, bits: int,
                   device_kind: str | None = None) -> BlockSizes:
-    """Tuned sizes for this device (heuristic: about 4 programs per SM)."""
+    """Tuned sizes for this device (heuristic: about 8 programs per SM)."""
     if device_kind is None:
       device_kind = tuned_block_sizes.current_device_kind()
     entry = tuned_block_sizes.lookup(
@@ -113,9 +113,12 @@ class BlockSizes:
         seq_len=capacity)
     n_tiles = max(capacity // group, 1)
     if entry is None:
-      programs = batch * num_kv_heads
-      splits = -(-4 * NUM_SMS_FALLBACK // max(programs, 1))
-      entry = dict(num_splits=splits, tiles_per_iter=2, num_warps=4, num_stages=2)
+      # Heuristic (from the H100 sweep): ~8 programs per SM, one tile per step.
+      entry = dict(num_programs=8 * NUM_SMS_FALLBACK, tiles_per_iter=1, num_warps=4,
+                   num_stages=2)
+    if "num_programs" in entry:
+      programs = entry.pop("num_programs")
+      entry["num_splits"] = -(-programs // max(batch * num_kv_heads, 1))
     entry["num_splits"] = max(1, min(entry["num_splits"], n_tiles))
     if head_dim // codes_per_byte(bits) < 32:
       entry["dot_dtype"] = "bfloat16"

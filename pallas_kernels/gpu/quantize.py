@@ -200,7 +200,7 @@ def _check(q, k, v, layout, block_q, block_k):
         "layout", "interpret", "debug"))
 def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
                  log2e_fold: bool, smooth_k: bool, kv_lengths=None,
-                 per_token: bool = False, layout: str = "bhtd",
+                 per_token: bool = False, layout: str = "bhtd", k_mean=None,
                  interpret: bool = False, debug: bool = False) -> QuantizedQKV:
   """Float Q/K/V -> ``QuantizedQKV`` (the prefill kernel's INT8 inputs).
 
@@ -214,6 +214,9 @@ def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
     smooth_k: subtract K's per-channel mean over the first ``kv_lengths`` keys
       (keys past it become 0), as the library does.
     per_token: one Q/K scale per token instead of per block (V stays per tile).
+    k_mean: optional f32 [B, Hk, D] mean to subtract (default ``key_mean``);
+      pass the one used for the log-sum-exp correction, or one computed on
+      another platform (reductions round differently across backends).
   """
   _check(q, k, v, layout, block_q, block_k)
   b = q.shape[0]
@@ -227,7 +230,8 @@ def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
     tk = _dims(k, layout)[2]
     lengths = (jnp.full((b,), tk, jnp.int32) if kv_lengths is None
                else jnp.asarray(kv_lengths, jnp.int32))
-    mean = key_mean(k, kv_lengths, layout=layout)
+    mean = key_mean(k, kv_lengths, layout=layout) if k_mean is None else (
+        jnp.asarray(k_mean, jnp.float32))
   else:
     mean = None
   k8, k_scale = _quantize_qk(
@@ -241,7 +245,7 @@ def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
 
 def quantize_qkv_reference(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
                            log2e_fold: bool, smooth_k: bool, kv_lengths=None,
-                           per_token: bool = False, layout: str = "bhtd",
+                           per_token: bool = False, layout: str = "bhtd", k_mean=None,
                            interpret: bool = False, debug: bool = False) -> QuantizedQKV:
   """Pure-JAX ``quantize_qkv`` (same inputs, same outputs)."""
   del interpret, debug
@@ -271,7 +275,8 @@ def quantize_qkv_reference(q, k, v, *, block_q: int, block_k: int, sm_scale: flo
   q8, _, q_full = quant(bhtd(q), block_q, per_token)
   kf = bhtd(k).astype(jnp.float32)
   if smooth_k:
-    mean = key_mean(k, kv_lengths, layout=layout)
+    mean = key_mean(k, kv_lengths, layout=layout) if k_mean is None else (
+        jnp.asarray(k_mean, jnp.float32))
     tk = kf.shape[2]
     lengths = jnp.full((kf.shape[0],), tk) if kv_lengths is None else jnp.asarray(kv_lengths)
     valid = (jnp.arange(tk)[None, :] < lengths[:, None])[:, None, :, None]

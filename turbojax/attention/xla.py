@@ -13,6 +13,7 @@ import functools
 import jax.numpy as jnp
 
 from pallas_kernels import reference
+from pallas_kernels.sas import SASParams
 from turbojax.attention.base import Backend, Call, Extras
 from turbojax.attention.prepare import (decode_with, nonfinite_rows, pad_axis,
                                        quantize_for_prefill)
@@ -36,11 +37,12 @@ def prefill_extras(extras: Extras, *, b, tq, tk, tq_pad, tk_pad, log2_base):
 
 
 def prefill_with(kernel, quantize, query, key, value, extras: Extras, call: Call, *,
-                 block_q: int, block_k: int):
+                 block_q: int, block_k: int, sas: SASParams | None = None):
   """Quantize -> ``kernel`` -> ``[B, Tq, N, H]`` f32, NaN where non-finite inputs reach.
 
   ``quantize(query, key, value)`` returns the kernel's six INT8 inputs;
   ``kernel`` takes them plus the ``flashq_prefill_reference`` keywords.
+  ``sas`` overrides the config's exponent (a backend's measured choice).
   """
   config = call.config
   b, tq = query.shape[0], query.shape[1]
@@ -49,7 +51,7 @@ def prefill_with(kernel, quantize, query, key, value, extras: Extras, call: Call
       extras, b=b, tq=tq, tk=key.shape[1], tq_pad=block_q, tk_pad=block_k,
       log2_base=config.log2_base)
   masks = {} if bias is None and mask is None else {"bias": bias, "mask": mask}
-  out = kernel(*inputs, sas=config.sas_params(), causal=call.is_causal,
+  out = kernel(*inputs, sas=sas or config.sas_params(), causal=call.is_causal,
                query_offset=extras.query_offset, q_lengths=q_lengths, kv_lengths=kv_lengths,
                local_window=call.local_window, **masks)
   out = jnp.where(nonfinite_rows(inputs, tq)[..., None], jnp.nan, out[:, :, :tq])
