@@ -24,6 +24,14 @@ def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
+def is_pow2(n: int) -> bool:
+  return n > 0 and not n & (n - 1)
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def round_half_up(x: jax.Array) -> jax.Array:
   """Rounding used for every quantization here (matches between backends)."""
   return jnp.floor(x + 0.5)

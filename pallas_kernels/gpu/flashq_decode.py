@@ -48,14 +48,6 @@ _DOT_DTYPES = ("int8", "bfloat16")
 _UNPACK = ("int8", "fold")
 
 
-def _is_pow2(n: int) -> bool:
-  return n > 0 and not n & (n - 1)
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(int(n) - 1, 0).bit_length()
-
-
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class BlockSizes:
   """Launch parameters of ``flashq_decode`` (the key tile is the stage-2 group).
@@ -331,7 +323,7 @@ def _check_cache(q, packed: PackedKV, residual: ResidualKV, bits: int, group: in
     raise ValueError(f"residual k/v must be [B, H, G, D] = {(b, h, group, d)}")
   if t % group:
     raise ValueError(f"cache capacity {t=} must be a multiple of {group=}")
-  if not (_is_pow2(d) and _is_pow2(group) and group >= MIN_ROWS and w >= 8):
+  if not (common.is_pow2(d) and common.is_pow2(group) and group >= MIN_ROWS and w >= 8):
     raise NotImplementedError(
         f"head_dim={d} and group={group} must be powers of two (group >= {MIN_ROWS}, "
         f"head_dim * bits / 8 >= 8)")
@@ -368,7 +360,7 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
     block_sizes = BlockSizes.get_default(
         batch=b, num_kv_heads=h, head_dim=d, capacity=t, group=group, bits=bits)
   splits = block_sizes.num_splits
-  rows = max(MIN_ROWS, _next_pow2(m_rows))
+  rows = max(MIN_ROWS, common.next_pow2(m_rows))
   pad = rows - m_rows
   if pad:
     q = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))

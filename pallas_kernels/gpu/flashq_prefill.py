@@ -34,14 +34,6 @@ MIN_BLOCK = 16  # smallest tensor-core tile edge Triton accepts for a dot
 _NUM_WARPS = (1, 2, 4, 8, 16)
 
 
-def _is_pow2(n: int) -> bool:
-  return n > 0 and not n & (n - 1)
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(int(n) - 1, 0).bit_length()
-
-
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class BlockSizes:
   """Tiles and launch parameters of ``flashq_prefill``.
@@ -67,7 +59,7 @@ class BlockSizes:
   def __post_init__(self):
     for name in ("block_q", "block_k"):
       value = getattr(self, name)
-      if not isinstance(value, int) or value < MIN_BLOCK or not _is_pow2(value):
+      if not isinstance(value, int) or value < MIN_BLOCK or not common.is_pow2(value):
         raise ValueError(f"{name}={value!r} must be a power of two >= {MIN_BLOCK}")
     if self.num_warps not in _NUM_WARPS:
       raise ValueError(f"num_warps={self.num_warps!r} must be one of {_NUM_WARPS}")
@@ -95,8 +87,8 @@ class BlockSizes:
       # Heuristic: the H100 D128 optimum (64x64 tiles, 4 warps, 3 stages); the
       # per-row softmax work, not the dots, bounds this kernel.
       entry = dict(block_q=64, block_k=64, num_warps=4, num_stages=3)
-    entry["block_q"] = max(MIN_BLOCK, min(entry["block_q"], _next_pow2(seq_len_q)))
-    entry["block_k"] = max(MIN_BLOCK, min(entry["block_k"], _next_pow2(seq_len_k)))
+    entry["block_q"] = max(MIN_BLOCK, min(entry["block_q"], common.next_pow2(seq_len_q)))
+    entry["block_k"] = max(MIN_BLOCK, min(entry["block_k"], common.next_pow2(seq_len_k)))
     return cls(**entry)
 
 
@@ -278,7 +270,7 @@ def flashq_prefill(
         f"(Tk={tk}, {n_v_tiles} V scales)")
   block_q = block_sizes.block_q
   tq_pad = -(-tq // block_q) * block_q
-  d_pad = max(MIN_BLOCK, _next_pow2(d))
+  d_pad = max(MIN_BLOCK, common.next_pow2(d))
   if tq_pad != tq:
     q, q_scale = _pad_to(q, 2, tq_pad), _pad_to(q_scale, 2, tq_pad)
   if d_pad != d:  # zero channels change no integer dot

@@ -43,6 +43,15 @@ def _check_decode(name: str, cache, call: Call):
     raise NotImplementedError(f"{name}: the kernels use the base-2 SAS table (sas_base=2.0)")
 
 
+def _decoder(name: str, kernel):
+  """``decode`` of a backend: its checks, then ``decode_with`` its kernel."""
+  def decode(query, cache, call: Call):
+    _check_decode(name, cache, call)
+    return decode_with(functools.partial(kernel, interpret=call.config.interpret), query,
+                       cache, call)
+  return decode
+
+
 # --- triton (GPU) --------------------------------------------------------------------------
 def triton_prefill(query, key, value, extras: Extras, call: Call):
   _check_supported("triton", query, key, value, extras, call)
@@ -66,18 +75,12 @@ def triton_prefill(query, key, value, extras: Extras, call: Call):
                       sas=gpu_prefill.fast_sas_params(config.sas_params()))
 
 
-def triton_decode(query, cache, call: Call):
-  _check_decode("triton", cache, call)
-  kernel = functools.partial(gpu_decode.flashq_decode, interpret=call.config.interpret)
-  return decode_with(kernel, query, cache, call)
-
-
 TRITON = Backend(name="triton", platforms=("gpu",), prefill=triton_prefill,
-                 decode=triton_decode)
+                 decode=_decoder("triton", gpu_decode.flashq_decode))
 
 
 # --- mosaic_tpu ----------------------------------------------------------------------------
-def tpu_prefill_fn(query, key, value, extras: Extras, call: Call):
+def mosaic_tpu_prefill(query, key, value, extras: Extras, call: Call):
   _check_supported("mosaic_tpu", query, key, value, extras, call)
   hq, hk = query.shape[2], key.shape[2]
   block_sizes = tpu_prefill.BlockSizes.get_default(
@@ -91,11 +94,5 @@ def tpu_prefill_fn(query, key, value, extras: Extras, call: Call):
                       block_q=block_sizes.block_q, block_k=block_sizes.block_k)
 
 
-def tpu_decode_fn(query, cache, call: Call):
-  _check_decode("mosaic_tpu", cache, call)
-  kernel = functools.partial(tpu_decode.flashq_decode, interpret=call.config.interpret)
-  return decode_with(kernel, query, cache, call)
-
-
-MOSAIC_TPU = Backend(name="mosaic_tpu", platforms=("tpu",), prefill=tpu_prefill_fn,
-                     decode=tpu_decode_fn)
+MOSAIC_TPU = Backend(name="mosaic_tpu", platforms=("tpu",), prefill=mosaic_tpu_prefill,
+                     decode=_decoder("mosaic_tpu", tpu_decode.flashq_decode))
