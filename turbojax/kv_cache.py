@@ -183,8 +183,15 @@ class QuantizedKVCache:
         v=jnp.swapaxes(v8.qvalue, 1, 2), v_scale=jnp.swapaxes(v8.scale[..., 0], 1, 2))
     kept = jnp.arange(l)[None, None, :] < n_kept[:, None, None]  # dropped tokens leave no trace
     new = ResidualKV(*(_clear_unused(x, kept) for x in new))
-    segments, residual = jax.vmap(self._append_one)(
-        self.segments, self.residual, new, self.lengths, n_kept)
+    # Packing is the costly part; most single-token steps fill no group, and
+    # then only the residual window changes (a batch-wide cond, not a select).
+    fills = jnp.any(self.lengths % self.group_size + n_kept >= self.group_size)
+    segments, residual = jax.lax.cond(
+        fills,
+        lambda: jax.vmap(self._append_one)(self.segments, self.residual, new, self.lengths,
+                                           n_kept),
+        lambda: (self.segments, jax.vmap(self._append_to_window)(
+            self.residual, new, self.lengths)))
     return dataclasses.replace(
         self, segments=segments, residual=residual, k_mean=k_mean, head_perm=perm,
         lengths=self.lengths + n_kept, overflow=self.overflow | (n_kept < n),
@@ -211,6 +218,20 @@ class QuantizedKVCache:
             f"cache overflow: lengths {np.asarray(self.lengths).tolist()} + new tokens "
             f"{n.tolist()} exceed max_len={self.max_len}")
     return self.batch, ks[1]
+
+  def _append_to_window(self, residual, new, length):
+    """One sequence whose new tokens all fit in the residual window (no group fills)."""
+    r = length % self.group_size
+    span = self.group_size + new.k.shape[1]
+
+    def place(res_x, new_x):
+      buf = jnp.concatenate([res_x, jnp.full(res_x.shape[:1] + (span - self.group_size,)
+                                             + res_x.shape[2:], _fill(res_x), res_x.dtype)],
+                            axis=1)
+      buf = jax.lax.dynamic_update_slice_in_dim(buf, new_x, r, axis=1)
+      return buf[:, :self.group_size]
+
+    return ResidualKV(*(place(a, b) for a, b in zip(residual, new)))
 
   def _append_one(self, segments, residual, new, length, n):
     """One sequence: residual + new tokens -> packed full groups + new residual."""
