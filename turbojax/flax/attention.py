@@ -43,6 +43,8 @@ from turbojax.config import TurboConfig
 from turbojax.kv_cache import QuantizedKVCache
 
 Array = jax.Array
+_DEFAULT_KERNEL_INIT = initializers.lecun_normal()  # as nnx.MultiHeadAttention
+_DEFAULT_BIAS_INIT = initializers.zeros_init()
 
 _DROPOUT_MESSAGE = (
     "turbojax attention cannot apply dropout to the attention weights: the fused "
@@ -195,7 +197,7 @@ class FloatKVCache:
 
   @classmethod
   def init(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-           dtype=jnp.bfloat16) -> "FloatKVCache":
+           dtype=jnp.bfloat16) -> FloatKVCache:
     shape = (batch, max_len, num_kv_heads, head_dim)
     return cls(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype),
                lengths=jnp.zeros((batch,), jnp.int32))
@@ -208,7 +210,7 @@ class FloatKVCache:
   def nbytes(self) -> int:
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
 
-  def update(self, key: Array, value: Array) -> "FloatKVCache":
+  def update(self, key: Array, value: Array) -> FloatKVCache:
     """Writes ``[B, L, Hk, D]`` at each sequence's length. Past ``max_len``
     the write is clamped by ``dynamic_update_slice`` (do not overflow)."""
     def put(buf, x, start):
@@ -269,7 +271,7 @@ class TurboAttention(nnx.Module):
     dropout_rate, deterministic, broadcast_dropout: as in ``nnx``; attention-
       weight dropout is not possible in a fused kernel, so ``dropout_rate > 0``
       raises ``NotImplementedError`` when not deterministic.
-    use_bias: bias in the Q/K/V/out projections.
+    use_bias: bias in the Q/K/V/out projections (default True, as in ``nnx``).
     decode: use the autoregressive cache (``init_cache`` first).
     use_rope, rope_theta: rotary embeddings of Q and K (positions from the
       cache's ``lengths`` when decoding, ``0..T-1`` otherwise).
@@ -293,8 +295,8 @@ class TurboAttention(nnx.Module):
       out_features: int | None = None, num_kv_heads: int | None = None, *,
       dtype: Any = None, param_dtype: Any = jnp.float32, broadcast_dropout: bool = True,
       dropout_rate: float = 0.0, deterministic: bool | None = None,
-      kernel_init=nnx.initializers.lecun_normal(), out_kernel_init=None,
-      bias_init=initializers.zeros_init(), use_bias: bool = False, decode: bool = False,
+      kernel_init=_DEFAULT_KERNEL_INIT, out_kernel_init=None,
+      bias_init=_DEFAULT_BIAS_INIT, use_bias: bool = True, decode: bool = False,
       use_rope: bool = True, rope_theta: float = 10000.0, config: TurboConfig | None = None,
       implementation: str | Sequence[str] | None = None, rngs: nnx.Rngs):
     self.num_heads = num_heads
