@@ -55,8 +55,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import common, compat, reference, tuned_block_sizes
+from pallas_kernels import common, compat, tuned_block_sizes
 from pallas_kernels.sas import SASParams
+from pallas_kernels.gpu import flashq_prefill as gpu_flashq_prefill
 
 plgpu = compat.plmgpu
 
@@ -660,25 +661,10 @@ def flashq_prefill(
   return o
 
 
-def flashq_prefill_reference(
-    q, q_scale, k, k_scale, v_t, v_scale, *, sas: SASParams, causal: bool = False,
-    query_offset=0, q_lengths=None, kv_lengths=None, local_window=None,
-    block_sizes: BlockSizes | None = None, interpret: bool = False,
-    debug: bool = False, return_residuals: bool = False, out_dtype=jnp.float32,
-    out_layout: str = "bhtd"):
-  """``flashq_prefill``'s inputs through ``reference.flashq_prefill_reference``."""
-  del block_sizes, interpret, debug  # the reference has no tiles but block_k
-  block_k = k.shape[2] // v_scale.shape[-1]
-  res = reference.flashq_prefill_reference(
-      q, q_scale, k, k_scale, jnp.swapaxes(v_t, -1, -2), v_scale, block_k=block_k,
-      sas=sas, causal=causal, query_offset=query_offset, q_lengths=q_lengths,
-      kv_lengths=kv_lengths, local_window=local_window,
-      return_residuals=return_residuals)
-  out, residuals = res if return_residuals else (res, None)
-  out = out.astype(out_dtype)
-  if out_layout == "bthd":
-    out = jnp.swapaxes(out, 1, 2)
-  return (out, residuals) if return_residuals else out
+def flashq_prefill_reference(*args, **kwargs):
+  """``flashq_prefill``'s inputs (V transposed, as the Triton kernel's) through
+  ``reference.flashq_prefill_reference``: the Triton kernel's reference adapter."""
+  return gpu_flashq_prefill.flashq_prefill_reference(*args, **kwargs)
 
 
 def main(argv=None):
