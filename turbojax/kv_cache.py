@@ -221,17 +221,9 @@ class QuantizedKVCache:
 
   def _append_to_window(self, residual, new, length):
     """One sequence whose new tokens all fit in the residual window (no group fills)."""
-    r = length % self.group_size
     span = self.group_size + new.k.shape[1]
-
-    def place(res_x, new_x):
-      buf = jnp.concatenate([res_x, jnp.full(res_x.shape[:1] + (span - self.group_size,)
-                                             + res_x.shape[2:], _fill(res_x), res_x.dtype)],
-                            axis=1)
-      buf = jax.lax.dynamic_update_slice_in_dim(buf, new_x, r, axis=1)
-      return buf[:, :self.group_size]
-
-    return ResidualKV(*(place(a, b) for a, b in zip(residual, new)))
+    merged = _merge_window(residual, new, length % self.group_size, span)
+    return ResidualKV(*(x[:, :self.group_size] for x in merged))
 
   def _append_one(self, segments, residual, new, length, n):
     """One sequence: residual + new tokens -> packed full groups + new residual."""
@@ -241,12 +233,7 @@ class QuantizedKVCache:
     r = length % g
     first_group = length // g
 
-    def merged(res_x, new_x):  # [Hk, span, ...]: residual then the new tokens at r
-      buf = jnp.full(res_x.shape[:1] + (span,) + res_x.shape[2:], _fill(res_x), res_x.dtype)
-      buf = jax.lax.dynamic_update_slice_in_dim(buf, res_x, 0, axis=1)
-      return jax.lax.dynamic_update_slice_in_dim(buf, new_x, r, axis=1)
-
-    buf = ResidualKV(*(merged(a, b) for a, b in zip(residual, new)))
+    buf = _merge_window(residual, new, r, span)
     n_groups = span // g
     full = (jnp.arange(n_groups) + 1) * g <= r + n
     group_idx = jnp.where(full, first_group + jnp.arange(n_groups), self.max_len // g)
@@ -302,6 +289,15 @@ class QuantizedKVCache:
     k = jnp.take(k, inverse, axis=1)
     val = jnp.take(val, inverse, axis=1)
     return jnp.swapaxes(k, 1, 2), jnp.swapaxes(val, 1, 2)
+
+
+def _merge_window(residual: ResidualKV, new: ResidualKV, r, span: int) -> ResidualKV:
+  """``[Hk, span, ...]`` buffers: the window's tokens, then the new tokens from slot ``r``."""
+  def merge(res_x, new_x):
+    buf = jnp.full(res_x.shape[:1] + (span,) + res_x.shape[2:], _fill(res_x), res_x.dtype)
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, res_x, 0, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(buf, new_x, r, axis=1)
+  return ResidualKV(*(merge(a, b) for a, b in zip(residual, new)))
 
 
 def _fill(x):
