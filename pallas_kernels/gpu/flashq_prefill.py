@@ -205,6 +205,25 @@ def _prefill_kernel(
     l_ref[...] = jnp.where(row_valid, l, 0.0)
 
 
+def check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout: str) -> int:
+  """Shapes of the transposed-V prefill inputs (this kernel's and Mosaic GPU's);
+  returns ``block_k``, the key tile that ``v_scale``'s shape fixes."""
+  b, hq, tq, d = q.shape
+  hk, tk = k.shape[1], k.shape[2]
+  if out_layout not in ("bhtd", "bthd"):
+    raise ValueError(f"{out_layout=} must be 'bhtd' or 'bthd'")
+  if hq % hk:
+    raise ValueError(f"query heads {hq=} must be a multiple of KV heads {hk=}")
+  if v_t.shape != (b, hk, d, tk):
+    raise ValueError(f"v_t must be [B, Hk, D, Tk] = {(b, hk, d, tk)}, got {v_t.shape}")
+  if q_scale.shape != (b, hq, tq) or k_scale.shape != (b, hk, tk):
+    raise ValueError(f"scale shapes {q_scale.shape=} {k_scale.shape=} do not match")
+  n_v_tiles = v_scale.shape[-1]
+  if v_scale.shape != (b, hk, n_v_tiles) or tk % n_v_tiles:
+    raise ValueError(f"v_scale {v_scale.shape} must be [B, Hk, Tk // block_k] for {tk=}")
+  return tk // n_v_tiles
+
+
 def _pad_to(x, axis: int, size: int):
   extra = size - x.shape[axis]
   if not extra:
@@ -249,18 +268,8 @@ def flashq_prefill(
   """
   b, hq, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
-  if out_layout not in ("bhtd", "bthd"):
-    raise ValueError(f"{out_layout=} must be 'bhtd' or 'bthd'")
-  if hq % hk:
-    raise ValueError(f"query heads {hq=} must be a multiple of KV heads {hk=}")
-  if v_t.shape != (b, hk, d, tk):
-    raise ValueError(f"v_t must be [B, Hk, D, Tk] = {(b, hk, d, tk)}, got {v_t.shape}")
-  if q_scale.shape != (b, hq, tq) or k_scale.shape != (b, hk, tk):
-    raise ValueError(f"scale shapes {q_scale.shape=} {k_scale.shape=} do not match")
-  n_v_tiles = v_scale.shape[-1]
-  if v_scale.shape != (b, hk, n_v_tiles) or tk % n_v_tiles:
-    raise ValueError(f"v_scale {v_scale.shape} must be [B, Hk, Tk // block_k] for {tk=}")
-  block_k = tk // n_v_tiles
+  block_k = check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout)
+  n_v_tiles = tk // block_k
   if block_sizes is None:
     block_sizes = dataclasses.replace(
         BlockSizes.get_default(head_dim=d, seq_len_q=tq, seq_len_k=tk), block_k=block_k)

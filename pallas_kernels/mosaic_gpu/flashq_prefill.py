@@ -546,20 +546,10 @@ def flashq_prefill(
     raise NotImplementedError("jax.experimental.pallas.mosaic_gpu is unavailable")
   b, hq, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
-  if out_layout not in ("bhtd", "bthd"):
-    raise ValueError(f"{out_layout=} must be 'bhtd' or 'bthd'")
-  if hq % hk:
-    raise ValueError(f"query heads {hq=} must be a multiple of KV heads {hk=}")
-  if v_t.shape != (b, hk, d, tk):
-    raise ValueError(f"v_t must be [B, Hk, D, Tk] = {(b, hk, d, tk)}, got {v_t.shape}")
-  if q_scale.shape != (b, hq, tq) or k_scale.shape != (b, hk, tk):
-    raise ValueError(f"scale shapes {q_scale.shape=} {k_scale.shape=} do not match")
+  block_k = gpu_flashq_prefill.check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout)
+  n_v_tiles = tk // block_k
   if q.dtype != jnp.int8 or k.dtype != jnp.int8 or v_t.dtype != jnp.int8:
     raise ValueError(f"q, k, v_t must be int8, got {q.dtype}, {k.dtype}, {v_t.dtype}")
-  n_v_tiles = v_scale.shape[-1]
-  if v_scale.shape != (b, hk, n_v_tiles) or tk % n_v_tiles:
-    raise ValueError(f"v_scale {v_scale.shape} must be [B, Hk, Tk // block_k] for {tk=}")
-  block_k = tk // n_v_tiles
   if local_window is not None:
     raise NotImplementedError("Mosaic GPU FlashQ prefill: local_window is not supported")
   if d not in HEAD_DIMS:
