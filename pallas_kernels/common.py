@@ -98,11 +98,43 @@ def int8_dot(a, b, contract: str):
   return jnp.einsum(contract, a, b, preferred_element_type=jnp.int32)
 
 
-def stage2_to_int8(codes, scale2, zero):
-  """Progressive stage-2 decode, exact integer arithmetic: ``clip((code - z) * s2)``.
+def requantize_rows(parts):
+  """Symmetric INT8 per row of a tile given as column parts, one scale per row.
 
-  The clip to ``[-127, 127]`` only acts where rounding ``q / s2`` up passed the
-  INT8 range; the result stays within ``s2 / 2`` of the original INT8 value.
+  ``parts``: f32 ``[..., M, N_i]``. Returns the int8 parts (``[-127, 127]``)
+  and the f32 row scale ``max|x| / 127`` (0 for an all-zero row): the decode
+  kernels fold K's integer stage-2 scales into the query this way, so the raw
+  packed codes feed an int8 dot.
   """
-  x = (codes.astype(jnp.int32) - zero.astype(jnp.int32)) * scale2.astype(jnp.int32)
+  row_max = jnp.max(jnp.abs(parts[0]), axis=-1)
+  for x in parts[1:]:
+    row_max = jnp.maximum(row_max, jnp.max(jnp.abs(x), axis=-1))
+  inv = jnp.where(row_max == 0, 0.0, INT8_MAX / jnp.where(row_max == 0, 1.0, row_max))
+  return ([round_half_up(x * inv[..., None]).astype(jnp.int8) for x in parts],
+          row_max / INT8_MAX)
+
+
+def zero_point_correction(x8, zero):
+  """``sum_n x8[..., m, n] * zero[..., n]`` in f32 (exact: ``|sum| < 2**24``).
+
+  With it, ``x8 . (codes - zero) = x8 . codes - correction``: the stage-2
+  zero point is applied once per row instead of once per code.
+  """
+  return jnp.sum(x8.astype(jnp.float32) * zero.astype(jnp.float32)[..., None, :], axis=-1)
+
+
+def stage2_decode(codes, scale2, zero):
+  """Progressive stage-2 decode, exact integer arithmetic: ``(code - z) * s2`` (int32).
+
+  The decode is affine, so kernels fold ``s2`` and ``z`` into the other dot
+  operand. On the extreme entries of a group the value can pass the INT8 range
+  by less than ``s2 / 2`` (rounding of ``q / s2``); it always stays within
+  ``s2 / 2`` of the original INT8 value.
+  """
+  return (codes.astype(jnp.int32) - zero.astype(jnp.int32)) * scale2.astype(jnp.int32)
+
+
+def stage2_to_int8(codes, scale2, zero):
+  """``stage2_decode`` saturated to INT8 ``[-127, 127]`` (the nearest INT8 value)."""
+  x = stage2_decode(codes, scale2, zero)
   return jnp.clip(x, -INT8_MAX_INT, INT8_MAX_INT).astype(jnp.int8)

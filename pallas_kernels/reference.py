@@ -36,7 +36,8 @@ class PackedKV(NamedTuple):
     v_scale2: uint8 [B, H, T, D/G]
     v_zero:   int8  [B, H, T, D/G]
     v_scale:  bf16  [B, H, T]
-  ``int8 = (code - zero) * scale2`` exactly, ``float = int8 * scale``.
+  The stage-1 value is ``(code - zero) * scale2`` (``common.stage2_decode``),
+  the float value that times ``scale``.
   """
 
   k_codes: jax.Array
@@ -59,21 +60,21 @@ class ResidualKV(NamedTuple):
 
 
 def unpack_keys(packed: PackedKV, bits: int, group: int) -> jax.Array:
-  """INT8 keys ``[B, H, T, D]`` from the packed cache (integer arithmetic only)."""
+  """Stage-1 keys ``[B, H, T, D]`` (int32, ``common.stage2_decode``) from the packed cache."""
   codes = unpack(packed.k_codes, bits)
   scale2 = jnp.repeat(packed.k_scale2, group, axis=-2)
   zero = jnp.repeat(packed.k_zero, group, axis=-2)
-  return common.stage2_to_int8(codes, scale2, zero)
+  return common.stage2_decode(codes, scale2, zero)
 
 
 def unpack_values(packed: PackedKV, bits: int, group: int) -> jax.Array:
-  """INT8 values ``[B, H, T, D]`` from the packed cache (integer arithmetic only)."""
+  """Stage-1 values ``[B, H, T, D]`` (int32, ``common.stage2_decode``) from the packed cache."""
   codes = unpack(packed.v_codes, bits)
   head_dim = codes.shape[-1]
   g = min(group, head_dim)
   scale2 = jnp.repeat(packed.v_scale2, g, axis=-1)
   zero = jnp.repeat(packed.v_zero, g, axis=-1)
-  return common.stage2_to_int8(codes, scale2, zero)
+  return common.stage2_decode(codes, scale2, zero)
 
 
 def _tiles(x, axis: int, n: int):
@@ -95,31 +96,82 @@ def init_state(rows_shape, head_dim) -> SoftmaxState:
       acc=jnp.zeros(rows_shape + (head_dim,), jnp.float32))
 
 
-def tile_update(state: SoftmaxState, s, keep, v8, v_scale, sas: SASParams, *,
-                v_scale_per_token: bool) -> SoftmaxState:
-  """Folds one key tile into the online-softmax state.
+def tile_update(state: SoftmaxState, s, keep, v8, v_scale, sas: SASParams) -> SoftmaxState:
+  """Folds one prefill key tile into the online-softmax state.
 
-  ``s``: f32 logits ``[..., M, N]``; ``v8``: int8 ``[..., N, D]``.
-  With a per-tile V scale (broadcastable to the rows ``[..., M]``): ``acc += (P_q @ V_q) * p_scale * s_v``.
-  With per-token V scales (``[..., N]``) the scale is folded into P before P is
-  quantized, and ``l`` sums exactly the weights that were multiplied.
+  ``s``: f32 logits ``[..., M, N]``; ``v8``: int8 ``[..., N, D]``; ``v_scale``:
+  the tile's V scale, broadcastable to the rows ``[..., M]``.
+  ``acc += (P_q @ V_q) * p_scale * v_scale``, and ``l`` sums exactly the
+  quantized weights that were multiplied.
   """
   m_new, alpha, p = common.online_softmax_update(state.m, s, keep, sas)
-  if v_scale_per_token:
-    v_scale = v_scale.astype(jnp.float32)[..., None, :]
-    p_q, p_scale = common.quantize_rows(p * v_scale)
-    pv = common.int8_dot(p_q, v8, "...mn,...nd->...md").astype(jnp.float32)
-    pv = pv * p_scale[..., None]
-    inv_v_scale = 1.0 / jnp.where(v_scale > 0, v_scale, 1.0)  # unused slots may hold 0
-    l_tile = jnp.sum(p_q.astype(jnp.float32) * inv_v_scale, axis=-1) * p_scale
-  else:
-    p_q, p_scale = common.quantize_rows(p)
-    pv = common.int8_dot(p_q, v8, "...mn,...nd->...md").astype(jnp.float32)
-    pv = pv * (p_scale * v_scale)[..., None]
-    l_tile = jnp.sum(p_q.astype(jnp.float32), axis=-1) * p_scale
+  p_q, p_scale = common.quantize_rows(p)
+  pv = common.int8_dot(p_q, v8, "...mn,...nd->...md").astype(jnp.float32)
+  pv = pv * (p_scale * v_scale)[..., None]
+  l_tile = jnp.sum(p_q.astype(jnp.float32), axis=-1) * p_scale
   return SoftmaxState(
       m=m_new,
       l=state.l * alpha + l_tile,
+      acc=state.acc * alpha[..., None] + pv)
+
+
+def fold_key_scale2(q8, k_scale2):
+  """Folds K's per-channel integer stage-2 scales into the query rows.
+
+  ``q8``: int8 ``[..., M, D]``; ``k_scale2``: ``[..., D]``. Returns int8
+  ``q2`` and the f32 row scale ``r`` with ``q8 * s2 ~ q2 * r``, so that
+  ``q8 . ((code - z) * s2) ~ r * (q2 . code - q2 . z)``: the raw packed codes
+  go straight into an int8 dot, and the zero point is one correction per row.
+  """
+  y = q8.astype(jnp.float32) * k_scale2.astype(jnp.float32)[..., None, :]
+  (q2,), r = common.requantize_rows([y])
+  return q2, r
+
+
+def packed_key_logits(q8, q_scale, k_codes, k_scale2, k_zero, k_scale):
+  """Logits of a packed K tile: ``[..., M, N]`` f32 in the exponent's units.
+
+  ``k_codes``: unpacked stage-2 codes ``[..., N, D]`` (0..2**bits-1);
+  ``k_scale2``/``k_zero``: ``[..., D]`` (this tile's group); ``k_scale``:
+  stage-1 per-token scales ``[..., N]``.
+  """
+  q2, r = fold_key_scale2(q8, k_scale2)
+  s = common.int8_dot(q2, k_codes.astype(jnp.int8), "...md,...nd->...mn")
+  s = s.astype(jnp.float32) - common.zero_point_correction(q2, k_zero)[..., None]
+  return s * (r * q_scale)[..., None] * k_scale.astype(jnp.float32)[..., None, :]
+
+
+def decode_tile_update(state: SoftmaxState, s, keep, v_codes, v_scale, sas: SASParams,
+                       v_scale2=None, v_zero=None) -> SoftmaxState:
+  """Folds one decode key tile into the online-softmax state.
+
+  ``s``: f32 logits ``[..., M, N]``; ``v_codes``: ``[..., N, D]`` INT8 values
+  (the residual window) or unpacked stage-2 codes with ``v_scale2``/``v_zero``
+  ``[..., N, D / Gv]`` per (token, channel group); ``v_scale``: per-token
+  stage-1 scales ``[..., N]``.
+  Per channel group, V's per-token scales (stage 1 and 2) are folded into P
+  before P is quantized per row, and the zero point is one correction per row:
+  ``acc_g += (P_g . codes_g - P_g . z_g) * p_scale_g`` with int8 dots on the
+  raw codes. ``l`` sums the unquantized weights ``p``.
+  """
+  m_new, alpha, p = common.online_softmax_update(state.m, s, keep, sas)
+  head_dim = v_codes.shape[-1]
+  n_groups = 1 if v_scale2 is None else v_scale2.shape[-1]
+  gv = head_dim // n_groups
+  v_scale = v_scale.astype(jnp.float32)
+  pvs = []
+  for g in range(n_groups):
+    w = v_scale if v_scale2 is None else v_scale * v_scale2[..., g].astype(jnp.float32)
+    p_q, p_scale = common.quantize_rows(p * w[..., None, :])
+    codes = v_codes[..., g * gv:(g + 1) * gv].astype(jnp.int8)
+    pv = common.int8_dot(p_q, codes, "...mn,...nd->...md").astype(jnp.float32)
+    if v_zero is not None:
+      pv = pv - common.zero_point_correction(p_q, v_zero[..., g])[..., None]
+    pvs.append(pv * p_scale[..., None])
+  pv = pvs[0] if n_groups == 1 else jnp.concatenate(pvs, axis=-1)
+  return SoftmaxState(
+      m=m_new,
+      l=state.l * alpha + jnp.sum(p, axis=-1),
       acc=state.acc * alpha[..., None] + pv)
 
 
@@ -191,7 +243,7 @@ def flashq_prefill_reference(
     if mask is not None:
       keep &= x["mask"]
     state = tile_update(state, s, keep, x["v"][:, :, None],
-                        x["v_scale"][:, :, None, None], sas, v_scale_per_token=False)
+                        x["v_scale"][:, :, None, None], sas)
     return state, None
 
   state, _ = jax.lax.scan(body, init_state((b, hk, g, tq), d), xs)
@@ -215,8 +267,10 @@ def flashq_decode_reference(
       packed, the remaining ``lengths % group`` are in the residual window.
   Returns:
     f32 [B, H, M, D] and, with ``return_residuals``, ``(m, l)``.
-  Every cached token is attended exactly once: packed tiles first, then the
-  residual window, each tile through ``tile_update`` with per-token V scales.
+  Every cached token is attended exactly once: packed tiles first (one per
+  stage-2 group; ``packed_key_logits`` and ``decode_tile_update`` with the
+  stage-2 scales folded into Q and P, so the raw codes meet int8 dots), then
+  the INT8 residual window.
   """
   codes_per_byte(bits)
   b, h, m, d = q.shape
@@ -227,34 +281,57 @@ def flashq_decode_reference(
   qf = q_scale.astype(jnp.float32)
   q_pos = q_pos[:, None, :]  # [B, 1, M]
 
-  k8 = unpack_keys(packed, bits, group)
-  v8 = unpack_values(packed, bits, group)
-
-  xs = (_tiles(k8, 2, n_tiles), _tiles(packed.k_scale, 2, n_tiles),
-        _tiles(v8, 2, n_tiles), _tiles(packed.v_scale, 2, n_tiles),
-        jnp.arange(t_max, dtype=jnp.int32).reshape(n_tiles, group))
-
-  def attend(state, k8_t, k_scale_t, v8_t, v_scale_t, k_pos, valid_len):
-    s = common.int8_dot(q, k8_t, "bhmd,bhnd->bhmn").astype(jnp.float32)
-    s = s * qf[..., None] * k_scale_t.astype(jnp.float32)[:, :, None, :]
-    keep = common.attention_mask(q_pos, k_pos, causal=True, local_window=None,
-                                 kv_len=valid_len)
-    return tile_update(state, s, keep, v8_t, v_scale_t, sas, v_scale_per_token=True)
+  xs = dict(
+      k_codes=_tiles(unpack(packed.k_codes, bits), 2, n_tiles),
+      k_scale2=jnp.moveaxis(packed.k_scale2, 2, 0),
+      k_zero=jnp.moveaxis(packed.k_zero, 2, 0),
+      k_scale=_tiles(packed.k_scale, 2, n_tiles),
+      v_codes=_tiles(unpack(packed.v_codes, bits), 2, n_tiles),
+      v_scale2=_tiles(packed.v_scale2, 2, n_tiles),
+      v_zero=_tiles(packed.v_zero, 2, n_tiles),
+      v_scale=_tiles(packed.v_scale, 2, n_tiles),
+      k_pos=jnp.arange(t_max, dtype=jnp.int32).reshape(n_tiles, group))
 
   def body(state, x):
-    k8_t, ks_t, v8_t, vs_t, k_pos = x
-    k_pos = jnp.broadcast_to(k_pos, (b, 1, group))
-    return attend(state, k8_t, ks_t, v8_t, vs_t, k_pos,
-                  packed_len[:, None, None, None]), None
+    s = packed_key_logits(q, qf, x["k_codes"], x["k_scale2"], x["k_zero"], x["k_scale"])
+    keep = common.attention_mask(q_pos, jnp.broadcast_to(x["k_pos"], (b, 1, group)),
+                                 causal=True, local_window=None,
+                                 kv_len=packed_len[:, None, None, None])
+    return decode_tile_update(state, s, keep, x["v_codes"], x["v_scale"], sas,
+                              x["v_scale2"], x["v_zero"]), None
 
   state, _ = jax.lax.scan(body, init_state((b, h, m), d), xs)
-  res_pos = packed_len[:, None, None] + jnp.arange(group, dtype=jnp.int32)  # [B,1,G]
-  state = attend(state, residual.k, residual.k_scale, residual.v, residual.v_scale,
-                 res_pos, lengths[:, None, None, None])
+  state = _attend_residual(state, q, qf, q_pos, residual, lengths, group=group, sas=sas)
   out = finalize(state)
   if return_residuals:
     return out, (state.m, state.l)
   return out
+
+
+def _attend_residual(state, q, q_scale, q_pos, residual: ResidualKV, lengths, *,
+                     group: int, sas: SASParams) -> SoftmaxState:
+  """Folds the INT8 residual window (tokens ``[packed_len, length)``) into ``state``.
+
+  ``q_scale``: f32 [B, H, M]; ``q_pos``: int32 [B, 1, M].
+  """
+  packed_len = (lengths // group) * group
+  res_pos = packed_len[:, None, None] + jnp.arange(group, dtype=jnp.int32)  # [B,1,G]
+  s = common.int8_dot(q, residual.k, "bhmd,bhnd->bhmn").astype(jnp.float32)
+  s = s * q_scale[..., None] * residual.k_scale.astype(jnp.float32)[:, :, None, :]
+  keep = common.attention_mask(q_pos, res_pos, causal=True, local_window=None,
+                               kv_len=lengths[:, None, None, None])
+  return decode_tile_update(state, s, keep, residual.v, residual.v_scale, sas)
+
+
+def residual_window_partial(q, q_scale, q_pos, residual: ResidualKV, lengths, *,
+                            group: int, sas: SASParams):
+  """The residual window alone as a normalized partial ``(out, m, l)``, for
+  ``combine_partial_results`` with split-K partials over the packed tiles."""
+  b, h, m, d = q.shape
+  state = _attend_residual(init_state((b, h, m), d), q, q_scale.astype(jnp.float32),
+                           q_pos[:, None, :], residual, jnp.asarray(lengths, jnp.int32),
+                           group=group, sas=sas)
+  return finalize(state), state.m, state.l
 
 
 def combine_partial_results(outs, ms, ls, *, base: float = 2.0):

@@ -4,21 +4,24 @@ The algorithm of ``pallas_kernels.reference.flashq_decode_reference`` as a
 split-K (flash-decoding) kernel. The grid runs over (batch, KV head, split);
 the ``M`` query rows of a KV head (its GQA query heads x new tokens) form the
 M dimension of every dot, padded to 16 for the tensor cores. Each program walks
-its share of the packed tiles (one stage-2 group of ``G`` tokens each) and the
-last split also the INT8 residual window:
+its share of the packed tiles (one stage-2 group of ``G`` tokens each) in one
+loop. Per tile, the raw packed codes go straight into int8 dots; the stage-2
+scales and zero points never touch a code:
 
-  k8 = (unpack(k_codes) - k_zero) * k_scale2     exact integer stage-2 decode
-  s  = (q8 . k8^T)_int32 * q_scale * k_scale      per-token bf16 K scales
+  q2, r = requantize_rows(q8 * k_scale2)         K's per-channel s2 folded into Q
+  s  = (q2 . codes_k^T - q2 . k_zero) * r * q_scale * k_scale
   m, alpha, p = SAS online-softmax update         (common.online_softmax_update)
-  p8, p_scale = quantize_rows(p * v_scale)        V's per-token scale folded in P
-  acc = acc * alpha + (p8 . v8)_int32 * p_scale
+  p8, p_scale = quantize_rows(p * v_scale * v_scale2)   per V channel group
+  acc = acc * alpha + (p8 . codes_v - p8 . v_zero) * p_scale
 
-Codes are unpacked in registers: the split packing layout puts codes
-``[part*w, (part+1)*w)`` of a row in bit field ``part`` of bytes ``[0, w)``,
-so each part is one shift and one mask of the loaded bytes and maps to a
-contiguous channel range (the query and the accumulator are kept per part).
-The partials ``(out, m, l)`` of the splits are merged by log-sum-exp
-(``reference.combine_partial_results``).
+so the per-code work is one shift and one mask of the loaded bytes (the split
+packing layout puts codes ``[part*w, (part+1)*w)`` of a row in bit field
+``part`` of bytes ``[0, w)``: each part is a contiguous channel range, and the
+query and the accumulator are kept per part). The INT8 residual window (at
+most ``G`` tokens) is one more partial computed outside the kernel
+(``reference.residual_window_partial``): in the kernel, its second code path
+raised registers from 189 to 239 per thread (4 warps). The partials
+``(out, m, l)`` are merged by log-sum-exp (``reference.combine_partial_results``).
 
 Split-K changes the order of the online softmax, so the result equals the
 sequential reference only up to P's quantization rounding and the SAS
@@ -45,7 +48,6 @@ MIN_ROWS = 16        # tensor-core M; query rows are padded to this
 NUM_SMS_FALLBACK = 132  # H100 SXM; only used when the device is unknown
 _NUM_WARPS = (1, 2, 4, 8)
 _DOT_DTYPES = ("int8", "bfloat16")
-_UNPACK = ("int8", "fold")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,35 +56,19 @@ class BlockSizes:
 
   Attributes:
     num_splits: programs per (batch, KV head) along the cache (split-K).
-    tiles_per_iter: packed tiles loaded together per loop iteration (more
-      bytes in flight; the softmax still runs tile by tile).
     num_warps, num_stages: Triton launch parameters.
     dot_dtype: "int8" dots, or "bfloat16" dots on the same integer values
       (exact: |products| < 2**14 and sums < 2**24 in f32), for tiles that
       8-bit tensor-core dots do not accept (K < 32).
-    unpack: how packed tiles meet the dots.
-      "int8": the reference's arithmetic, element by element: stage-2
-        decode ``clip((code - z) * s2)`` to INT8, then int8 dots.
-      "fold": the stage-2 integer scale and zero point are folded into the
-        other operand, ``sum_c q_c (code_c - z_c) s2_c =
-        sum_c (q_c s2_c) code_c - sum_c q_c s2_c z_c`` (per-channel for K,
-        per-token for V), so the raw 0..15 codes go to f16 dots and the
-        per-element work is a shift, a mask and a convert. ``q_c s2_c`` is
-        split as ``64 hi + lo`` so every f16 operand and f32 sum is an exact
-        integer: the result equals "int8" except where the reference's clip
-        acts (``(code - z) s2`` of +-128..+-169, from rounding ``q / s2`` up
-        past the INT8 range), where "fold" keeps the unclipped value.
   """
 
-  num_splits: int = 4
-  tiles_per_iter: int = 1
+  num_splits: int = 8
   num_warps: int = 4
-  num_stages: int = 2
+  num_stages: int = 3
   dot_dtype: str = "int8"
-  unpack: str = "int8"
 
   def __post_init__(self):
-    for name in ("num_splits", "tiles_per_iter", "num_stages"):
+    for name in ("num_splits", "num_stages"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} must be an int >= 1")
@@ -90,14 +76,12 @@ class BlockSizes:
       raise ValueError(f"num_warps={self.num_warps!r} must be one of {_NUM_WARPS}")
     if self.dot_dtype not in _DOT_DTYPES:
       raise ValueError(f"dot_dtype={self.dot_dtype!r} must be one of {_DOT_DTYPES}")
-    if self.unpack not in _UNPACK:
-      raise ValueError(f"unpack={self.unpack!r} must be one of {_UNPACK}")
 
   @classmethod
   def get_default(cls, *, batch: int, num_kv_heads: int, head_dim: int,
                   capacity: int, group: int, bits: int,
                   device_kind: str | None = None) -> BlockSizes:
-    """Tuned sizes for this device (heuristic: about 8 programs per SM)."""
+    """Tuned sizes for this device (heuristic: about 16 programs per SM)."""
     if device_kind is None:
       device_kind = tuned_block_sizes.current_device_kind()
     entry = tuned_block_sizes.lookup(
@@ -105,9 +89,8 @@ class BlockSizes:
         seq_len=capacity)
     n_tiles = max(capacity // group, 1)
     if entry is None:
-      # Heuristic (from the H100 sweep): ~8 programs per SM, one tile per step.
-      entry = dict(num_programs=8 * NUM_SMS_FALLBACK, tiles_per_iter=1, num_warps=4,
-                   num_stages=2)
+      # Heuristic (from the H100 sweep): ~16 programs per SM.
+      entry = dict(num_programs=16 * NUM_SMS_FALLBACK, num_warps=4, num_stages=3)
     if "num_programs" in entry:
       programs = entry.pop("num_programs")
       entry["num_splits"] = -(-programs // max(batch * num_kv_heads, 1))
@@ -139,15 +122,10 @@ def _decode_kernel(
     v_scale2_ref,  # [T, D / Gv] uint8, Gv = min(G, D)
     v_zero_ref,   # [T, D / Gv] int8
     v_scale_ref,  # [T] bf16
-    r_k_ref,      # [G, D] int8 residual window
-    r_k_scale_ref,  # [G]
-    r_v_ref,      # [G, D] int8
-    r_v_scale_ref,  # [G]
     o_ref,        # [Mp, D] f32 (normalized partial)
     m_ref,        # [Mp] f32
     l_ref,        # [Mp] f32
-    *, bits: int, group: int, num_splits: int, sas: SASParams,
-    tiles_per_iter: int, dot_dtype: str, unpack: str):
+    *, bits: int, group: int, num_splits: int, sas: SASParams, dot_dtype: str):
   rows, head_dim = q_ref.shape
   per_byte = codes_per_byte(bits)
   mask = (1 << bits) - 1
@@ -157,7 +135,6 @@ def _decode_kernel(
   chunks = [(part, j) for part in range(per_byte) for j in range(width // chunk)]
   v_groups = sorted({(p * width + j * chunk) // v_group for p, j in chunks})
   dot = functools.partial(_dot_i32, dot_dtype=dot_dtype)
-  fold = unpack == "fold"
 
   split = pl.program_id(2)
   length = len_ref[()]
@@ -167,18 +144,24 @@ def _decode_kernel(
   t1 = jnp.minimum(t0 + per_split, n_packed)
   q_pos = q_pos_ref[...]
   q_scale = q_scale_ref[...]
-  # Packed tiles wholly at or before every row's position need no mask.
-  t_full = jnp.clip((jnp.min(q_pos) + 1) // group, t0, t1)
-  q_parts = [q_ref[:, pl.ds(part * width, width)] for part in range(per_byte)]
-  if fold:
-    q_parts_f = [x.astype(jnp.float32) for x in q_parts]
+  q_parts = [q_ref[:, pl.ds(part * width, width)].astype(jnp.float32)
+             for part in range(per_byte)]
+
+  def codes_of(byte_tile, part):
+    """Raw stage-2 codes of bit field ``part`` as int8 (0 .. 2**bits - 1)."""
+    codes = byte_tile >> (part * bits) if part else byte_tile
+    if part < per_byte - 1:
+      codes = codes & mask
+    return codes.astype(jnp.int8)
 
   def load_tile(j):
     tok = pl.multiple_of(j * group, group)
     rows_ = pl.ds(tok, group)
     return dict(
-        j=j, tok=tok,
+        tok=tok,
         k_bytes=k_codes_ref[rows_, :],                               # [G, W] uint8
+        k_scale2=[k_scale2_ref[j, pl.ds(p * width, width)] for p in range(per_byte)],
+        k_zero=[k_zero_ref[j, pl.ds(p * width, width)] for p in range(per_byte)],
         k_scale=k_scale_ref[rows_],                                  # [G]
         v_bytes={j_: v_codes_ref[rows_, pl.ds(j_ * chunk, chunk)]    # [G, c] uint8
                  for j_ in range(width // chunk)},
@@ -187,116 +170,64 @@ def _decode_kernel(
         v_zero={g: v_zero_ref[rows_, g] for g in v_groups},          # [G] int8
     )
 
-  def softmax(state, s, keep, v_scale):
-    m, l, accs = state
+  def softmax(state, s, keep):
+    m, l, _ = state
     m_new, alpha, p = common.online_softmax_update(m, s, keep, sas)
-    v_scale = v_scale.astype(jnp.float32)
-    p_q, p_scale = common.quantize_rows(p * v_scale[None, :])
-    inv_v_scale = 1.0 / jnp.where(v_scale > 0, v_scale, 1.0)  # unused slots may hold 0
-    l_tile = jnp.sum(p_q.astype(jnp.float32) * inv_v_scale[None, :], axis=-1) * p_scale
-    return m_new, alpha, p_q, p_scale, l * alpha + l_tile
+    return m_new, alpha, p, l * alpha + jnp.sum(p, axis=-1)
 
-  def accumulate(state, m_new, alpha, p_scale, l_new, pvs):
-    """``acc = acc * alpha + (P_q . V_q) * p_scale`` per channel chunk."""
-    accs = tuple(acc * alpha[:, None] + pv.astype(jnp.float32) * p_scale[:, None]
-                 for acc, pv in zip(state[2], pvs))
+  def accumulate(state, m_new, alpha, l_new, pvs):
+    """``acc = acc * alpha + pv`` per channel chunk."""
+    accs = tuple(acc * alpha[:, None] + pv for acc, pv in zip(state[2], pvs))
     return m_new, l_new, accs
 
-  def logits(s_int, k_scale):
-    return (s_int.astype(jnp.float32) * q_scale[:, None]
-            * k_scale.astype(jnp.float32)[None, :])
+  def quantize_weights(p, v_scale, v_scale2=None):
+    """``p`` times V's per-token scales, quantized per row (``decode_tile_update``)."""
+    w = v_scale.astype(jnp.float32)
+    if v_scale2 is not None:
+      w = w * v_scale2.astype(jnp.float32)
+    return common.quantize_rows(p * w[None, :])
 
-  def split_f16(x):
-    """Exact ``x = 64 * hi + lo`` for integer-valued f32 ``|x| < 2**17``, in f16."""
-    hi = jnp.floor(x * (1.0 / 64.0))
-    return hi.astype(jnp.float16), (x - 64.0 * hi).astype(jnp.float16)
-
-  def dot_f32(a, b, trans_b):
-    return compat.triton_dot(a, b, trans_b=trans_b, preferred_element_type=jnp.float32)
-
-  def packed_scores(tile):
-    """Integer Q.K^T of a packed tile, ``[Mp, G]`` (int32, or exact f32 when folded)."""
+  def packed_logits(tile):
+    """``reference.packed_key_logits`` of a packed tile, ``[Mp, G]`` f32."""
+    q2, r = common.requantize_rows(
+        [q * s2.astype(jnp.float32)[None, :] for q, s2 in zip(q_parts, tile["k_scale2"])])
     s = None
+    corr = None
     for part in range(per_byte):
-      codes = (tile["k_bytes"] >> (part * bits)) & mask                  # [G, w] uint8
-      ch = pl.ds(part * width, width)
-      if fold:
-        # sum_c q_c (code_c - z_c) s2_c = sum_c (q_c s2_c) code_c - sum_c q_c s2_c z_c
-        s2 = k_scale2_ref[tile["j"], ch].astype(jnp.float32)
-        zero = k_zero_ref[tile["j"], ch].astype(jnp.float32)
-        q2 = q_parts_f[part] * s2[None, :]                               # [Mp, w]
-        hi, lo = split_f16(q2)
-        codes = codes.astype(jnp.float16)
-        s_part = (64.0 * dot_f32(hi, codes, True) + dot_f32(lo, codes, True)
-                  - jnp.sum(q2 * zero[None, :], axis=1)[:, None])
-      else:
-        k8 = common.stage2_to_int8(codes, k_scale2_ref[tile["j"], ch][None, :],
-                                   k_zero_ref[tile["j"], ch][None, :])
-        s_part = dot(q_parts[part], k8, trans_b=True)                    # [Mp, G]
+      s_part = dot(q2[part], codes_of(tile["k_bytes"], part), trans_b=True)   # [Mp, G]
+      c_part = common.zero_point_correction(q2[part], tile["k_zero"][part])  # [Mp]
       s = s_part if s is None else s + s_part
-    return s
+      corr = c_part if corr is None else corr + c_part
+    s = s.astype(jnp.float32) - corr[:, None]
+    return s * (r * q_scale)[:, None] * tile["k_scale"].astype(jnp.float32)[None, :]
 
-  def packed_pv(tile, p_q):
-    """Integer P.V of a packed tile, per channel chunk ``[Mp, c]``."""
+  def packed_pv(tile, p):
+    """``(p8_g . codes - p8_g . z_g) * p_scale_g`` per channel chunk ``[Mp, c]``."""
+    weights = {}
+    for g in v_groups:
+      p_q, p_scale = quantize_weights(p, tile["v_scale"], tile["v_scale2"][g])
+      weights[g] = (p_q, p_scale, common.zero_point_correction(p_q, tile["v_zero"][g]))
     pvs = []
-    folded = {}
     for part, j_ in chunks:
-      g = (part * width + j_ * chunk) // v_group
-      codes = (tile["v_bytes"][j_] >> (part * bits)) & mask              # [G, c] uint8
-      if fold:
-        # sum_t p_t (code_t - z_t) s2_t = sum_t (p_t s2_t) code_t - sum_t p_t s2_t z_t
-        if g not in folded:
-          p2 = p_q.astype(jnp.float32) * tile["v_scale2"][g].astype(jnp.float32)[None, :]
-          corr = jnp.sum(p2 * tile["v_zero"][g].astype(jnp.float32)[None, :], axis=1)
-          folded[g] = split_f16(p2) + (corr,)
-        hi, lo, corr = folded[g]
-        codes = codes.astype(jnp.float16)
-        pvs.append(64.0 * dot_f32(hi, codes, False) + dot_f32(lo, codes, False)
-                   - corr[:, None])
-      else:
-        v8 = common.stage2_to_int8(codes, tile["v_scale2"][g][:, None],
-                                   tile["v_zero"][g][:, None])
-        pvs.append(dot(p_q, v8, trans_b=False))
+      p_q, p_scale, corr = weights[(part * width + j_ * chunk) // v_group]
+      pv = dot(p_q, codes_of(tile["v_bytes"][j_], part), trans_b=False)      # [Mp, c]
+      pvs.append((pv.astype(jnp.float32) - corr[:, None]) * p_scale[:, None])
     return pvs
 
-  def packed_tile(state, tile, *, masked: bool):
-    s = logits(packed_scores(tile), tile["k_scale"])
-    if masked:
-      k_pos = tile["tok"] + jnp.arange(group, dtype=jnp.int32)
-      keep = common.attention_mask(q_pos, k_pos, causal=True, local_window=None)
-    else:
-      keep = True
-    m_new, alpha, p_q, p_scale, l_new = softmax(state, s, keep, tile["v_scale"])
-    return accumulate(state, m_new, alpha, p_scale, l_new, packed_pv(tile, p_q))
-
-  def residual_tile(state):
-    k_pos = n_packed * group + jnp.arange(group, dtype=jnp.int32)
-    s = logits(dot(q_ref[...], r_k_ref[...], trans_b=True), r_k_scale_ref[...])
-    keep = common.attention_mask(q_pos, k_pos, causal=True, local_window=None,
-                                 kv_len=length)
-    m_new, alpha, p_q, p_scale, l_new = softmax(state, s, keep, r_v_scale_ref[...])
-    pvs = [dot(p_q, r_v_ref[:, pl.ds(p * width + j_ * chunk, chunk)], trans_b=False)
-           for p, j_ in chunks]
-    return accumulate(state, m_new, alpha, p_scale, l_new, pvs)
-
-  def unmasked_iter(i, state):
-    tiles = [load_tile(t0 + i * tiles_per_iter + u) for u in range(tiles_per_iter)]
-    for tile in tiles:
-      state = packed_tile(state, tile, masked=False)
-    return state
-
-  def single(j, state, *, masked):
-    return packed_tile(state, load_tile(j), masked=masked)
+  def packed_tile(j, state):
+    tile = load_tile(j)
+    s = packed_logits(tile)
+    # Causal mask: a packed token past a row's position only exists when
+    # several new tokens are decoded at once.
+    k_pos = tile["tok"] + jnp.arange(group, dtype=jnp.int32)
+    keep = common.attention_mask(q_pos, k_pos, causal=True, local_window=None)
+    m_new, alpha, p, l_new = softmax(state, s, keep)
+    return accumulate(state, m_new, alpha, l_new, packed_pv(tile, p))
 
   state = (jnp.full((rows,), common.MASKED_MAX, jnp.float32),
            jnp.zeros((rows,), jnp.float32),
            tuple(jnp.zeros((rows, chunk), jnp.float32) for _ in chunks))
-  n_iter = (t_full - t0) // tiles_per_iter
-  state = jax.lax.fori_loop(0, n_iter, unmasked_iter, state)
-  state = jax.lax.fori_loop(t0 + n_iter * tiles_per_iter, t_full,
-                            functools.partial(single, masked=False), state)
-  state = jax.lax.fori_loop(t_full, t1, functools.partial(single, masked=True), state)
-  state = jax.lax.cond(split == num_splits - 1, residual_tile, lambda st: st, state)
+  state = jax.lax.fori_loop(t0, t1, packed_tile, state)
 
   m, l, accs = state
   for (part, j_), acc in zip(chunks, accs):
@@ -360,6 +291,10 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
     block_sizes = BlockSizes.get_default(
         batch=b, num_kv_heads=h, head_dim=d, capacity=t, group=group, bits=bits)
   splits = block_sizes.num_splits
+  lengths = jnp.asarray(lengths, jnp.int32)
+  q_scale = q_scale.astype(jnp.float32)
+  res_out, res_m, res_l = reference.residual_window_partial(
+      q, q_scale, q_pos, residual, lengths, group=group, sas=sas)
   rows = max(MIN_ROWS, common.next_pow2(m_rows))
   pad = rows - m_rows
   if pad:
@@ -368,7 +303,6 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
     # Padded rows see every key (their output is dropped).
     q_pos = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).max)
   q_pos = jnp.broadcast_to(q_pos[:, None, :], (b, h, rows)).astype(jnp.int32)
-  lengths = jnp.asarray(lengths, jnp.int32)
 
   def spec(*block):
     nd = len(block)
@@ -381,7 +315,6 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
       spec(rows, d), spec(rows), spec(rows),
       spec(t, wb), spec(t // group, d), spec(t // group, d), spec(t),
       spec(t, wb), spec(t, d // gv), spec(t, d // gv), spec(t),
-      spec(group, d), spec(group), spec(group, d), spec(group),
   ]
   out_specs = [
       pl.BlockSpec((None, None, None, rows, d), lambda b_, h_, s_: (b_, h_, s_, 0, 0)),
@@ -395,8 +328,7 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
   ]
   kernel = functools.partial(
       _decode_kernel, bits=bits, group=group, num_splits=splits, sas=sas,
-      tiles_per_iter=block_sizes.tiles_per_iter, dot_dtype=block_sizes.dot_dtype,
-      unpack=block_sizes.unpack)
+      dot_dtype=block_sizes.dot_dtype)
   outs, ms, ls = pl.pallas_call(
       kernel,
       grid=(b, h, splits),
@@ -408,14 +340,12 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
       interpret=interpret,
       debug=debug,
       name=KERNEL_NAME,
-  )(lengths, q, q_scale.astype(jnp.float32), q_pos, *packed, *residual)
-  if splits == 1:
-    out, m, l = outs[:, :, 0], ms[:, :, 0], ls[:, :, 0]
-  else:
-    out, m, l = reference.combine_partial_results(
-        [outs[:, :, i] for i in range(splits)], [ms[:, :, i] for i in range(splits)],
-        [ls[:, :, i] for i in range(splits)], base=sas.base)
-  out, m, l = out[:, :, :m_rows], m[:, :, :m_rows], l[:, :, :m_rows]
+  )(lengths, q, q_scale, q_pos, *packed)
+  outs, ms, ls = outs[:, :, :, :m_rows], ms[:, :, :, :m_rows], ls[:, :, :, :m_rows]
+  out, m, l = reference.combine_partial_results(
+      [outs[:, :, i] for i in range(splits)] + [res_out],
+      [ms[:, :, i] for i in range(splits)] + [res_m],
+      [ls[:, :, i] for i in range(splits)] + [res_l], base=sas.base)
   if return_residuals:
     return out, (m, l)
   return out
@@ -427,9 +357,7 @@ def flashq_decode_reference(q, q_scale, q_pos, packed: PackedKV, residual: Resid
                             interpret: bool = False, debug: bool = False,
                             return_residuals: bool = False):
   """``flashq_decode`` in pure JAX: ``reference.flashq_decode_reference`` run on
-  each split's tiles (the residual window in the last split), then combined.
-
-  With one split this is exactly ``reference.flashq_decode_reference``.
+  each split's packed tiles, combined with ``reference.residual_window_partial``.
   """
   del interpret, debug
   b, h, _, d = q.shape
@@ -439,10 +367,6 @@ def flashq_decode_reference(q, q_scale, q_pos, packed: PackedKV, residual: Resid
         batch=b, num_kv_heads=h, head_dim=d, capacity=t, group=group, bits=bits)
   splits = block_sizes.num_splits
   lengths = jnp.asarray(lengths, jnp.int32)
-  if splits == 1:
-    return reference.flashq_decode_reference(
-        q, q_scale, q_pos, packed, residual, lengths, bits=bits, group=group, sas=sas,
-        return_residuals=return_residuals)
   n_tiles = t // group
   tiles_per = -(-n_tiles // splits)                      # static bound per split
   n_packed = lengths // group
@@ -463,17 +387,17 @@ def flashq_decode_reference(q, q_scale, q_pos, packed: PackedKV, residual: Resid
     view = PackedKV(**{
         name: take(getattr(packed, name), tokens if axis is not None else tiles)
         for name, axis in token_axis.items()})
-    last = s == splits - 1
-    view_lengths = count * group + (lengths % group if last else 0)
-    view_residual = residual if last else residual._replace(
-        v_scale=jnp.ones_like(residual.v_scale))  # masked there; avoids 0/0
+    # ``view_lengths`` holds no residual tokens: the window is masked here.
     out, (m, l) = reference.flashq_decode_reference(
-        q, q_scale, q_pos - (start * group)[:, None], view, view_residual, view_lengths,
+        q, q_scale, q_pos - (start * group)[:, None], view, residual, count * group,
         bits=bits, group=group, sas=sas, return_residuals=True)
     outs.append(out)
     ms.append(m)
     ls.append(l)
-  out, m, l = reference.combine_partial_results(outs, ms, ls, base=sas.base)
+  res_out, res_m, res_l = reference.residual_window_partial(
+      q, q_scale, q_pos, residual, lengths, group=group, sas=sas)
+  out, m, l = reference.combine_partial_results(
+      outs + [res_out], ms + [res_m], ls + [res_l], base=sas.base)
   if return_residuals:
     return out, (m, l)
   return out

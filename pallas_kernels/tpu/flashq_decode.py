@@ -7,14 +7,21 @@ tile, is ``reference.flashq_decode_reference``:
 
 - one tile per stage-2 group of ``G`` tokens; the packed codes are unpacked in
   registers with shifts and masks (``packing.unpack_part``: the split layout
-  yields contiguous channel slices, concatenated along lanes) and decoded to
-  INT8 with exact integer arithmetic (``common.stage2_to_int8``): K with one
-  ``(scale2, zero)`` per (group, channel), V with one per (token, channel group);
-- int8 x int8 -> int32 ``Q.K^T`` and ``P.V`` on the MXU, per-token bf16
-  stage-1 scales on the logits (K) and folded into P before P is quantized (V),
-  exactly ``reference.tile_update(..., v_scale_per_token=True)``, which the
-  kernel calls itself;
-- the residual window is the last tile.
+  yields contiguous channel slices, concatenated along lanes) and go, as raw
+  codes ``0..2**bits-1``, straight into int8 x int8 -> int32 dots on the MXU;
+- K (``reference.packed_key_logits``): the tile's per-channel integer stage-2
+  scale is folded into the query, requantized per row to int8, and the zero
+  point is one correction per row; the bf16 stage-1 scale per token scales
+  the logits;
+- V (``reference.decode_tile_update``): per channel group, the per-token
+  stage-1 and stage-2 scales are folded into P before P is quantized per row,
+  and the zero point is again one correction per row;
+- the INT8 residual window is the last tile (``decode_tile_update`` on plain
+  INT8 values).
+
+The kernel calls ``reference.packed_key_logits`` and
+``reference.decode_tile_update`` itself, so kernel and reference cannot drift
+apart (only the order of float sums may differ).
 
 Grid ``(batch, kv_heads, cache_blocks + 1)``: each step DMAs ``block_k`` tokens
 (``block_k / G`` tiles, looped over in-kernel); the last step processes the
@@ -85,30 +92,9 @@ def _unpack_codes(packed, bits):
   return jnp.concatenate(parts, axis=-1)
 
 
-def _expand_channel_groups(x, head_dim):
-  """``[N, D / g]`` per-(token, channel group) values -> int32 ``[N, D]``.
-
-  Channel ``c`` takes column ``c // g`` (``jnp.repeat(x, g, axis=-1)``), built
-  with lane masks and reductions only (no lane slicing or reshapes).
-  """
-  x = x.astype(jnp.int32)
-  n, n_groups = x.shape
-  if n_groups == 1:
-    return jnp.broadcast_to(x, (n, head_dim))
-  g = head_dim // n_groups
-  col = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
-  lane = jax.lax.broadcasted_iota(jnp.int32, (n, head_dim), 1)
-  out = None
-  for j in range(n_groups):
-    xj = jnp.sum(jnp.where(col == j, x, 0), axis=1, keepdims=True)  # [N, 1]
-    xj = jnp.broadcast_to(xj, (n, head_dim))
-    out = xj if out is None else jnp.where(lane >= j * g, xj, out)
-  return out
-
-
 def _row_vector(x):
-  """f32 ``[G]`` from a ``[1, G]`` scale row (upcast before dropping the unit
-  dim: 1-D vectors stay 32-bit)."""
+  """f32 ``[N]`` from a ``[1, N]`` row of scales or zero points (upcast before
+  dropping the unit dim: 1-D vectors stay 32-bit)."""
   return jnp.max(x.astype(jnp.float32), axis=0)
 
 
@@ -142,7 +128,6 @@ def _decode_kernel(
   b, j = pl.program_id(0), pl.program_id(2)
   last_step = pl.num_programs(2) - 1
   n_sub, group, _ = kc_ref.shape
-  head_dim = q_ref.shape[-1]
   length = len_ref[b]
   n_packed = jax.lax.div(length, jnp.int32(group))  # packed tiles (length >= 0)
   packed_len = n_packed * group
@@ -153,11 +138,10 @@ def _decode_kernel(
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  def attend(k8, k_scale, v8, v_scale, k_start, kv_len):
-    """One tile through ``reference.tile_update``; k_scale [1, G], v_scale [G]."""
-    s = jax.lax.dot_general(q_ref[...], k8, _NT_DIMS,
-                            preferred_element_type=jnp.int32)  # [Mp, G]
-    s = s.astype(jnp.float32) * qs_ref[...] * k_scale.astype(jnp.float32)
+  def attend(s, k_start, kv_len, v_codes, v_scale, v_scale2=None, v_zero=None):
+    """Folds one tile's logits ``s`` [Mp, G] into the state with
+    ``reference.decode_tile_update`` (``v_scale`` [G]; ``v_scale2``/``v_zero``
+    [G, D/g] for a packed tile, None for the INT8 residual window)."""
     q_pos = jnp.max(qpos_ref[...], axis=1)                              # [Mp]
     col = jax.lax.broadcasted_iota(jnp.int32, (NUM_SUBLANES, group), 1)
     k_pos = jnp.max(col, axis=0) + k_start                              # [G]
@@ -166,27 +150,29 @@ def _decode_kernel(
     state = reference.SoftmaxState(
         m=jnp.max(m_sc[...], axis=1), l=jnp.max(l_sc[...], axis=1),
         acc=acc_sc[...])
-    state = reference.tile_update(state, s, keep, v8, v_scale, sas,
-                                  v_scale_per_token=True)
+    state = reference.decode_tile_update(state, s, keep, v_codes, v_scale, sas,
+                                         v_scale2, v_zero)
     m_sc[...] = jnp.broadcast_to(state.m[:, None], m_sc.shape)
     l_sc[...] = jnp.broadcast_to(state.l[:, None], l_sc.shape)
     acc_sc[...] = state.acc
 
   @pl.when(j < last_step)
   def _packed_block():
+    q_scale = jnp.max(qs_ref[...], axis=1)                              # [Mp]
+
     def body(i, carry):
       tile = j * n_sub + i
 
       @pl.when(tile < n_packed)
       def _tile():
-        k8 = common.stage2_to_int8(_unpack_codes(kc_ref[i], bits),
-                                   ks2_ref[i], kz_ref[i])               # [G, D]
-        v8 = common.stage2_to_int8(
-            _unpack_codes(vc_ref[i], bits),
-            _expand_channel_groups(vs2_ref[i], head_dim),
-            _expand_channel_groups(vz_ref[i], head_dim))                # [G, D]
-        attend(k8, ksc_ref[i], v8, _row_vector(vsc_ref[i]), tile * group,
-               packed_len)
+        s = reference.packed_key_logits(
+            q_ref[...], q_scale, _unpack_codes(kc_ref[i], bits),
+            _row_vector(ks2_ref[i]), _row_vector(kz_ref[i]),
+            _row_vector(ksc_ref[i]))                                    # [Mp, G]
+        # int32 before the per-group columns are taken: 1-D vectors stay 32-bit.
+        attend(s, tile * group, packed_len, _unpack_codes(vc_ref[i], bits),
+               _row_vector(vsc_ref[i]), vs2_ref[i].astype(jnp.int32),
+               vz_ref[i].astype(jnp.int32))
 
       return carry
 
@@ -194,8 +180,10 @@ def _decode_kernel(
 
   @pl.when(j == last_step)
   def _residual_and_store():
-    attend(rk_ref[...], rks_ref[...], rv_ref[...], _row_vector(rvs_ref[...]),
-           packed_len, length)
+    s = jax.lax.dot_general(q_ref[...], rk_ref[...], _NT_DIMS,
+                            preferred_element_type=jnp.int32)           # [Mp, G]
+    s = s.astype(jnp.float32) * qs_ref[...] * rks_ref[...].astype(jnp.float32)
+    attend(s, packed_len, length, rv_ref[...], _row_vector(rvs_ref[...]))
     state = reference.SoftmaxState(
         m=jnp.max(m_sc[...], axis=1), l=jnp.max(l_sc[...], axis=1),
         acc=acc_sc[...])

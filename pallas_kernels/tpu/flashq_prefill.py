@@ -192,8 +192,7 @@ def _prefill_kernel(
     state = reference.SoftmaxState(
         m=jnp.max(m_sc[...], axis=1), l=jnp.max(l_sc[...], axis=1),
         acc=acc_sc[...])
-    state = reference.tile_update(state, s, keep, v_ref[...], vs_ref[0, ki],
-                                  sas, v_scale_per_token=False)
+    state = reference.tile_update(state, s, keep, v_ref[...], vs_ref[0, ki], sas)
     m_sc[...] = jnp.broadcast_to(state.m[:, None], m_sc.shape)
     l_sc[...] = jnp.broadcast_to(state.l[:, None], l_sc.shape)
     acc_sc[...] = state.acc

@@ -81,35 +81,30 @@ def _int8_per_token(x):
   return codes.astype(jnp.int8), scale[..., 0]
 
 
-def _stage2(codes, bits, axis, in_range=False):
+def _stage2(codes, bits, axis):
   """Integer stage-2 params and codes: ``s2 = (hi-lo)//(2**bits-1) + 1``,
-  ``z = -round(lo/s2)``, ``code = round(x/s2) + z``. With ``in_range`` codes
-  are also limited so that ``(code - z) * s2`` stays within [-127, 127]."""
+  ``z = -round(lo/s2)``, ``code = round(x/s2) + z``."""
   x = codes.astype(jnp.int32)
   lo = jnp.min(x, axis=axis, keepdims=True)
   hi = jnp.max(x, axis=axis, keepdims=True)
   s2 = (hi - lo) // (2**bits - 1) + 1
   zero = -common.round_half_up(lo / s2).astype(jnp.int32)
-  c_lo, c_hi = 0, 2**bits - 1
-  if in_range:
-    c_lo = jnp.maximum(c_lo, zero - 127 // s2)
-    c_hi = jnp.minimum(c_hi, zero + 127 // s2)
-  code = jnp.clip(common.round_half_up(x / s2).astype(jnp.int32) + zero, c_lo, c_hi)
+  code = jnp.clip(common.round_half_up(x / s2).astype(jnp.int32) + zero, 0, 2**bits - 1)
   return code.astype(jnp.uint8), jnp.squeeze(s2, axis).astype(jnp.uint8), (
       jnp.squeeze(zero, axis).astype(jnp.int8))
 
 
 @functools.cache
 def make_cache(seed, *, b, h, t, d, bits, group, zero_empty_residual=False,
-               lengths=None, in_range=False):
+               lengths=None):
   """A progressive INT4/INT2 cache of random keys/values (K grouped along
   tokens per channel, V along channels per token) and an INT8 residual."""
   rng = np.random.default_rng(seed)
   k8, k_scale = _int8_per_token(jnp.asarray(rng.normal(size=(b, h, t, d)), jnp.float32))
   v8, v_scale = _int8_per_token(jnp.asarray(rng.normal(size=(b, h, t, d)), jnp.float32))
-  k_code, k_s2, k_z = _stage2(k8.reshape(b, h, t // group, group, d), bits, 3, in_range)
+  k_code, k_s2, k_z = _stage2(k8.reshape(b, h, t // group, group, d), bits, 3)
   gv = min(group, d)
-  v_code, v_s2, v_z = _stage2(v8.reshape(b, h, t, d // gv, gv), bits, 4, in_range)
+  v_code, v_s2, v_z = _stage2(v8.reshape(b, h, t, d // gv, gv), bits, 4)
   packed = PackedKV(
       packing.pack(k_code.reshape(b, h, t, d), bits), k_s2, k_z, k_scale,
       packing.pack(v_code.reshape(b, h, t, d), bits), v_s2, v_z, v_scale)
@@ -317,16 +312,15 @@ DECODE_CASES = {
 
 class _DecodeTests(_KernelTest):
 
-  def _run(self, name, sas, *, zero_empty_residual=False, unpack="int8"):
+  def _run(self, name, sas, *, zero_empty_residual=False):
     bits, d, m, tokens, lengths, t, splits = DECODE_CASES[name]
     b, h, group = 2, 2, 64
     packed, residual = make_cache(
         seed_of(name), b=b, h=h, t=t, d=d, bits=bits, group=group,
-        zero_empty_residual=zero_empty_residual, lengths=lengths,
-        in_range=unpack == "fold")
+        zero_empty_residual=zero_empty_residual, lengths=lengths)
     q, q_scale, q_pos, lengths = decode_query(
         seed_of(name), b=b, h=h, m=m, d=d, lengths=lengths, tokens=tokens)
-    bs = decode_block_sizes(b, h, d, t, group, bits, splits, unpack)
+    bs = decode_block_sizes(b, h, d, t, group, bits, splits)
     kw = dict(bits=bits, group=group, sas=sas, block_sizes=bs)
     args = (q, q_scale, q_pos, packed, residual, lengths)
     out, (mm, ll) = fd.flashq_decode(*args, interpret=self.INTERPRET,
@@ -343,16 +337,9 @@ class _DecodeTests(_KernelTest):
     assert relerr(out, ref) <= 1e-4, relerr(out, ref)
     np.testing.assert_allclose(mm, m_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ll, l_ref, rtol=1e-3)
-    # Split-K only reorders the online softmax: close to the sequential reference.
-    assert relerr(out, seq) <= (1e-4 if splits == 1 else 1e-2)
-
-  @pytest.mark.parametrize("name", [
-      "int4_d128_gqa4_split4",
-      pytest.param("int2_d64_one_split", marks=pytest.mark.slow)])
-  def test_fold_matches_reference(self, name):
-    """``unpack="fold"`` is exact when stage-2 codes decode within INT8 range."""
-    out, ref, _, _, _ = self._run(name, SAS_F32, unpack="fold")
-    assert relerr(out, ref) <= 1e-4, relerr(out, ref)
+    # Split-K (and the residual window as its own partial) only reorders the
+    # online softmax: close to the sequential reference.
+    assert relerr(out, seq) <= 1e-2
 
   @pytest.mark.slow
   def test_bf16_sas(self):
@@ -362,19 +349,14 @@ class _DecodeTests(_KernelTest):
   def test_empty_residual_slots_with_zero_scales(self):
     """Unfilled ring slots (zero codes, zero scales) give no NaN."""
     out, ref, _, _, _ = self._run("int2_d64_one_split", SAS_F32, zero_empty_residual=True)
-    assert np.all(np.isfinite(np.asarray(out)))
-    # The reference divides 0/0 on those slots; compare only where it is finite.
-    ref = np.asarray(ref)
-    rows = np.all(np.isfinite(ref), axis=-1)
-    assert relerr(np.asarray(out)[rows], ref[rows]) <= 1e-4
+    assert relerr(out, ref) <= 1e-4
 
 
-def decode_block_sizes(b, h, d, t, group, bits, splits, unpack="int8"):
+def decode_block_sizes(b, h, d, t, group, bits, splits):
   bs = fd.BlockSizes.get_default(batch=b, num_kv_heads=h, head_dim=d, capacity=t,
                                  group=group, bits=bits)
-  return fd.BlockSizes(num_splits=splits, tiles_per_iter=2 if bits == 4 else 1,
-                       num_warps=bs.num_warps, num_stages=bs.num_stages,
-                       dot_dtype=bs.dot_dtype, unpack=unpack)
+  return fd.BlockSizes(num_splits=splits, num_warps=bs.num_warps, num_stages=bs.num_stages,
+                       dot_dtype=bs.dot_dtype)
 
 
 @pytest.mark.gpu

@@ -234,15 +234,17 @@ class FlashQTpuBase:
     assert _rel_err(out, ref)[0] <= 1e-4
 
   @pytest.mark.parametrize(
-      "bits,head_dim,sas,block_k",
-      [(4, 128, SAS_F32, 128), (2, 128, SAS_F32, 64), (4, 64, SAS_F32, 256),
-       (2, 64, SAS_BF16, 128)],
-      ids=["int4_d128_f32", "int2_d128_f32", "int4_d64_f32", "int2_d64_bf16"])
-  def test_decode_matches_reference(self, bits, head_dim, sas, block_k):
-    # 3 sequences: 2 packed groups + 42 residual tokens (170); the packed area
-    # full (4 groups) + 10 residual tokens (266); no packed group, 40 residual
-    # tokens (40).
-    b, h, capacity, group = 3, 1, 256, 64
+      "bits,head_dim,sas,block_k,group",
+      [(4, 128, SAS_F32, 128, 64), (2, 128, SAS_F32, 64, 64), (4, 64, SAS_F32, 256, 64),
+       (2, 64, SAS_BF16, 128, 64), (4, 128, SAS_F32, 64, 32)],
+      ids=["int4_d128_f32", "int2_d128_f32", "int4_d64_f32", "int2_d64_bf16",
+           "int4_d128_g32_f32"])
+  def test_decode_matches_reference(self, bits, head_dim, sas, block_k, group):
+    # V has D / min(G, D) channel groups: 1 (d64), 2 (d128) or 4 (d128, G 32).
+    # 3 sequences, G 64 (G 32): 2 (5) packed groups + 42 (10) residual tokens
+    # (170); the packed area full + 10 residual tokens (266); no packed group
+    # (1) + 40 (8) residual tokens (40).
+    b, h, capacity = 3, 1, 256
     gqa, new_tokens = 4, 2
     packed, residual, _ = make_cache(3, b, h, capacity, head_dim, bits=bits, group=group)
     lengths = jnp.array([170, 266, 40], jnp.int32)
@@ -257,7 +259,9 @@ class FlashQTpuBase:
     ref, (m_ref, l_ref) = _jit(decode_lib.flashq_decode_reference, **static)(*args)
     assert out.shape == (b, h, m, head_dim) and out.dtype == jnp.float32
     glob, row = _rel_err(out, ref)
-    tol = RTOL[sas.dtype]
+    # The interpreter runs the reference's own tile functions: only the order
+    # of float sums differs. Compiled, Mosaic may round a P code differently.
+    tol = 1e-6 if self.INTERPRET else RTOL[sas.dtype]
     assert glob <= tol and row <= 10 * tol, (glob, row)
     np.testing.assert_allclose(m_out, m_ref, rtol=tol, atol=tol)
     np.testing.assert_allclose(l_out, l_ref, rtol=tol, atol=tol)

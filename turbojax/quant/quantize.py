@@ -151,18 +151,29 @@ def quantize_asym(q: QArray, bits: int, *, group_size: int = 64, axis: int = -2)
       dtype=q.dtype)
 
 
-def to_int8(pq: PQArray) -> QArray:
-  """Stage-2 decode to the INT8 ``QArray`` (exact integer arithmetic)."""
+def _stage2_values(pq: PQArray, decode):
   codes = packing.unpack(pq.codes, pq.bits)
   scale2 = jnp.repeat(pq.scale2, pq.group_size, axis=pq.group_axis)
   zero = jnp.repeat(pq.zero_point, pq.group_size, axis=pq.group_axis)
-  return QArray(common.stage2_to_int8(codes, scale2, zero), pq.scale, None, pq.tiles, pq.dtype)
+  return decode(codes, scale2, zero)
+
+
+def to_int8(pq: PQArray) -> QArray:
+  """Stage-2 decode to the nearest INT8 ``QArray`` (exact integer arithmetic,
+  ``common.stage2_to_int8``)."""
+  return QArray(_stage2_values(pq, common.stage2_to_int8), pq.scale, None, pq.tiles, pq.dtype)
 
 
 def dequantize(q: QArray | PQArray, dtype=None) -> jax.Array:
-  """Float values of a ``QArray`` or ``PQArray`` (``dtype`` defaults to the original)."""
+  """Float values of a ``QArray`` or ``PQArray`` (``dtype`` defaults to the original).
+
+  A ``PQArray`` dequantizes through the affine stage-2 decode
+  (``common.stage2_decode``), the values the decode kernels attend over.
+  """
   if isinstance(q, PQArray):
-    q = to_int8(q)
+    values = _stage2_values(q, common.stage2_decode).astype(jnp.float32)
+    values = values * expand_scale(q.scale.astype(jnp.float32), q.tiles, q.shape)
+    return values.astype(dtype or q.dtype)
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize expects a QArray or PQArray, got {type(q).__name__}")
   values = q.qvalue.astype(jnp.float32)
