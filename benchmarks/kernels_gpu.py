@@ -34,6 +34,7 @@ from pallas_kernels.gpu import flashq_prefill as fp
 from pallas_kernels.gpu import quantize as qz
 from pallas_kernels.reference import PackedKV, ResidualKV
 from pallas_kernels.sas import LOG2_E, SASParams
+from turbojax.quant import quantize
 
 RECORDS: list[dict] = []
 SMOKE = False  # --smoke: tiny shapes, XLA baseline, interpreted kernels (CPU check)
@@ -190,18 +191,10 @@ def _int8_per_token(x):
 
 
 def _stage2(codes, bits, axis):
-  """Stage-2 codes limited so that ``(code - z) * s2`` stays in INT8 range
-  (then ``unpack="fold"`` and ``"int8"`` give identical results)."""
-  x = codes.astype(jnp.int32)
-  lo = jnp.min(x, axis=axis, keepdims=True)
-  hi = jnp.max(x, axis=axis, keepdims=True)
-  s2 = (hi - lo) // (2**bits - 1) + 1
-  zero = -common.round_half_up(lo / s2).astype(jnp.int32)
-  c_lo = jnp.maximum(0, zero - 127 // s2)
-  c_hi = jnp.minimum(2**bits - 1, zero + 127 // s2)
-  code = jnp.clip(common.round_half_up(x / s2).astype(jnp.int32) + zero, c_lo, c_hi)
-  return (code.astype(jnp.uint8), jnp.squeeze(s2, axis).astype(jnp.uint8),
-          jnp.squeeze(zero, axis).astype(jnp.int8))
+  """The library's integer stage-2 quantizer (codes, scale2, zero), ``axis`` reduced."""
+  s2, zero = quantize.stage2_params(codes, bits, axis)
+  code = quantize.stage2_encode(codes, s2, zero, bits)
+  return code, jnp.squeeze(s2, axis), jnp.squeeze(zero, axis)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group"))
@@ -226,15 +219,11 @@ def _residual(k_tail, v_tail):
 
 
 DECODE_SWEEP = [
-    fd.BlockSizes(num_splits=s, tiles_per_iter=u, num_warps=4, num_stages=2, unpack=up)
-    for up in ("fold", "int8") for s in (4, 8) for u in (1, 2, 4)] + [
-    fd.BlockSizes(num_splits=s, tiles_per_iter=2, num_warps=4, num_stages=3, unpack=up)
-    for up in ("fold", "int8") for s in (4, 8)]
+    fd.BlockSizes(num_splits=s, num_warps=w, num_stages=st)
+    for s in (2, 4, 8) for w in (4, 8) for st in (2, 3, 4)]
 DECODE_FINAL = [
-    fd.BlockSizes(num_splits=4, tiles_per_iter=1, num_warps=4, num_stages=2),
-    fd.BlockSizes(num_splits=4, tiles_per_iter=1, num_warps=8, num_stages=2),
-    fd.BlockSizes(num_splits=8, tiles_per_iter=1, num_warps=2, num_stages=2),
-    fd.BlockSizes(num_splits=16, tiles_per_iter=1, num_warps=4, num_stages=2),
+    fd.BlockSizes(num_splits=4, num_warps=8, num_stages=2),
+    fd.BlockSizes(num_splits=4, num_warps=4, num_stages=3),
 ]
 
 
@@ -320,6 +309,17 @@ def decode_section(args):
 
   if PROFILE:
     return
+  if best4[1] is not None:  # the exponent: SAS polynomial (above) vs MUFU exp2
+    kern = jax.jit(functools.partial(fd.flashq_decode, bits=4, group=group,
+                                     sas=SASParams(exact=True), block_sizes=best4[1],
+                                     interpret=SMOKE))
+    r = safe(timeit)(kern, q8, q_scale, q_pos, packed4, res4, lengths,
+                     iters=args.iters * 4, repeats=args.repeats)
+    if r is not None:
+      out = kern(q8, q_scale, q_pos, packed4, res4, lengths)
+      record(section="decode", impl="triton_int4_exp2", case="B32 T8192 Hq32 Hkv8",
+             block_sizes=dataclasses.asdict(best4[1]), ratio_vs_cudnn=cudnn_ms / r["ms"],
+             tbps=bytes4 / r["ms"] / 1e9, relerr=out_error(out, all_heads), **r)
   # Half the KV heads INT2: two calls (4 heads each) in one jitted step.
   lo_heads, hi_heads = slice(0, hk // 2), slice(hk // 2, hk)
   p4, r4 = cache_for(4, lo_heads)
@@ -333,8 +333,8 @@ def decode_section(args):
   elif args.sweep and best4[1] is not None:
     # 4 KV heads per call: twice the splits of the 8-head best keeps the SMs busy.
     mixed_configs = [
-        (dataclasses.replace(best4[1], num_splits=s, tiles_per_iter=u),) * 2
-        for s in (best4[1].num_splits, 2 * best4[1].num_splits) for u in (2, 4)]
+        (best4[1], dataclasses.replace(best4[1], num_splits=s))
+        for s in (best4[1].num_splits, 2 * best4[1].num_splits)]
   else:
     mixed_configs = [(None, None)]
   for bs4, bs2 in mixed_configs:
