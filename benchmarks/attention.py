@@ -1,7 +1,9 @@
 """Attention benchmark CLI: turbojax against jax.nn (cuDNN and XLA) in one run.
 
 Baselines: ``jax.nn.dot_product_attention`` with ``implementation="cudnn"``
-(``cudnn``) or ``"xla"`` (``jax-xla``); other names are turbojax's.
+(``cudnn``) or ``"xla"`` (``jax-xla``); other names are turbojax's
+``implementation=`` values (``triton``, ``mosaic_gpu`` (Hopper+; its decode
+rows run the Triton decode kernel), ``mosaic_tpu``, ``xla``).
 Prefill: ``dot_product_attention`` on bf16 inputs, the quantization pass
 included in the time (and timed alone beside it). Decode: one new token per
 sequence against a quantized KV cache vs jax.nn over a bf16 cache. Every row
@@ -9,6 +11,7 @@ carries the relative error against float32 exact attention on the same inputs.
 
   python benchmarks/attention.py --suite all --out benchmarks/results/h100
   python benchmarks/attention.py --suite prefill --seq 4096 16384 --causal both
+  python benchmarks/attention.py --suite prefill --impls cudnn triton mosaic_gpu
 """
 
 from __future__ import annotations
@@ -143,7 +146,8 @@ def main(argv=None):
   parser.add_argument("--suite", choices=("prefill", "decode", "all"), default="all")
   parser.add_argument("--impls", nargs="+",
                       default=["cudnn", "jax-xla", "triton"] if on_gpu else ["jax-xla", "xla"],
-                      help="jax.nn baselines (cudnn, jax-xla) and turbojax implementations")
+                      help="jax.nn baselines (cudnn, jax-xla) and turbojax implementations "
+                           "(triton, mosaic_gpu, mosaic_tpu, xla)")
   parser.add_argument("--batch", type=int, default=2 if on_gpu else 1)
   parser.add_argument("--seq", type=int, nargs="+", default=[4096] if on_gpu else [512])
   parser.add_argument("--heads", type=int, default=32 if on_gpu else 8)

@@ -76,8 +76,8 @@ def dot_product_attention(
     query_offset: position of query 0 among the keys (int or int ``[B]``),
       e.g. ``S - T`` for bottom-right causal alignment in chunked prefill.
     config: ``TurboConfig`` (``None`` means ``TurboConfig()``).
-    implementation: ``None``, ``"xla"``, ``"triton"``, ``"mosaic_tpu"`` or a
-      sequence of them in order of preference.
+    implementation: ``None``, ``"xla"``, ``"triton"``, ``"mosaic_gpu"``,
+      ``"mosaic_tpu"`` or a sequence of them in order of preference.
   Returns:
     ``[B, T, N, H]`` in ``query``'s dtype. Rows that see no key are 0.
   Gradients use the straight-through estimator (exact attention's backward).

@@ -1,15 +1,18 @@
-"""Adapters from the public API to the Pallas kernels: ``"triton"`` and ``"mosaic_tpu"``.
+"""Adapters from the public API to the Pallas kernels: ``"triton"``,
+``"mosaic_gpu"`` and ``"mosaic_tpu"``.
 
 Each adapter checks what its kernels support (raising ``NotImplementedError``
-with the reason, so a default dispatch falls back to ``"xla"``), quantizes,
-runs the kernel and hands back ``[B, T, N, H]`` float32.
+with the reason, so a default dispatch falls back to the next name), quantizes,
+runs the kernel and hands back ``[B, T, N, H]`` float32. The two GPU backends
+share the fused Triton quantization kernel and the Triton decode kernel; they
+differ in the prefill kernel (``"mosaic_gpu"``: Hopper int8 wgmma, sm_90+).
 """
 
 from __future__ import annotations
 
 import functools
 
-
+from pallas_kernels import compat
 from pallas_kernels.gpu import flashq_decode as gpu_decode
 from pallas_kernels.gpu import flashq_prefill as gpu_prefill
 from pallas_kernels.gpu import quantize as gpu_quantize
@@ -19,6 +22,11 @@ from turbojax.attention.base import Backend, Call, Extras
 from turbojax.attention.prepare import PrefillInputs, decode_with
 from turbojax.attention.xla import prefill_with, quantize_with_blocks
 from turbojax.quant import QArray
+
+try:  # a stripped jax build may lack Pallas Mosaic GPU: then only "mosaic_gpu" is missing.
+  from pallas_kernels.mosaic_gpu import flashq_prefill as mgpu_prefill
+except ImportError:  # pragma: no cover
+  mgpu_prefill = None
 
 HEAD_DIMS = (64, 128)
 
@@ -43,40 +51,85 @@ def _check_decode(name: str, cache, call: Call):
     raise NotImplementedError(f"{name}: the kernels use the base-2 SAS table (sas_base=2.0)")
 
 
-def _decoder(name: str, kernel):
-  """``decode`` of a backend: its checks, then ``decode_with`` its kernel."""
+def _decoder(name: str, kernel, exponent=None):
+  """``decode`` of a backend: its checks, then ``decode_with`` its kernel.
+
+  ``exponent`` maps the config's ``SASParams`` to the ones the kernel runs.
+  """
   def decode(query, cache, call: Call):
     _check_decode(name, cache, call)
+    sas = call.config.sas_params()
     return decode_with(functools.partial(kernel, interpret=call.config.interpret), query,
-                       cache, call)
+                       cache, call, sas=sas if exponent is None else exponent(sas))
   return decode
 
 
-# --- triton (GPU) --------------------------------------------------------------------------
+# exp2 beat the SAS polynomial in the Triton decode kernel too: 0.361 vs 0.392 ms
+# at B32 T8192 Hq32 Hkv8 D128 on H100 (gpu_notes.md, session 2).
+_triton_decode = _decoder("triton", gpu_decode.flashq_decode, gpu_prefill.fast_sas_params)
+
+
+# --- triton (GPU); its quantization also feeds mosaic_gpu ------------------------------------
+def _gpu_quantize(call: Call, extras: Extras, block_k: int):
+  """``prefill_with``'s ``quantize`` for the GPU prefill kernels: the fused Triton
+  kernel (int8 codes, per-token scales, smoothed K, V^T with one scale per
+  ``block_k`` keys, which must be the prefill kernel's key tile)."""
+  config = call.config
+
+  def quantize(query, key, value):
+    return PrefillInputs(*gpu_quantize.quantize_qkv(
+        query, key, value, block_q=config.block_q, block_k=block_k,
+        sm_scale=call.scale, log2e_fold=config.sas_base == 2.0, smooth_k=config.smooth_k,
+        kv_lengths=extras.key_value_seq_lengths, per_token=config.per_token_scales,
+        layout="bthd", interpret=config.interpret))
+  return quantize
+
+
 def triton_prefill(query, key, value, extras: Extras, call: Call):
   _check_supported("triton", query, key, value, extras, call)
   config = call.config
   block_sizes = gpu_prefill.BlockSizes.get_default(
       head_dim=query.shape[-1], seq_len_q=query.shape[1], seq_len_k=key.shape[1])
-
-  def quantize(query, key, value):  # fused kernel: int8 codes, scales, smoothed K, V^T
-    return PrefillInputs(*gpu_quantize.quantize_qkv(
-        query, key, value, block_q=config.block_q, block_k=block_sizes.block_k,
-        sm_scale=call.scale, log2e_fold=config.sas_base == 2.0, smooth_k=config.smooth_k,
-        kv_lengths=extras.key_value_seq_lengths, per_token=config.per_token_scales,
-        layout="bthd", interpret=config.interpret))
-
   kernel = functools.partial(gpu_prefill.flashq_prefill, block_sizes=block_sizes,
                              interpret=config.interpret)
   # exp2 on the MUFU unit measured 19% faster than the SAS polynomial in this
   # kernel on H100 (gpu_notes.md); P quantization and the int8 P.V stay on.
-  return prefill_with(kernel, quantize, query, key, value, extras, call,
+  return prefill_with(kernel, _gpu_quantize(call, extras, block_sizes.block_k),
+                      query, key, value, extras, call,
                       block_q=config.block_q, block_k=block_sizes.block_k,
                       sas=gpu_prefill.fast_sas_params(config.sas_params()))
 
 
 TRITON = Backend(name="triton", platforms=("gpu",), prefill=triton_prefill,
-                 decode=_decoder("triton", gpu_decode.flashq_decode))
+                 decode=_triton_decode)
+
+
+# --- mosaic_gpu (Hopper and newer) ----------------------------------------------------------
+def mosaic_gpu_prefill(query, key, value, extras: Extras, call: Call):
+  """The Mosaic GPU kernel on the Triton backend's quantized inputs (same
+  quantization, with the Mosaic kernel's key tile), exp2 exponent like Triton's
+  (the Mosaic kernel's exp2 variants measured fastest too; mosaic_gpu_notes.md)."""
+  _check_supported("mosaic_gpu", query, key, value, extras, call)
+  if call.local_window is not None:
+    raise NotImplementedError("mosaic_gpu: local_window runs on 'triton' or 'xla'")
+  config = call.config
+  block_sizes = mgpu_prefill.BlockSizes.get_default(  # block_k is one of its BLOCK_KS
+      head_dim=query.shape[-1], seq_len_q=query.shape[1], seq_len_k=key.shape[1])
+  kernel = functools.partial(mgpu_prefill.flashq_prefill, block_sizes=block_sizes,
+                             interpret=config.interpret)
+  return prefill_with(kernel, _gpu_quantize(call, extras, block_sizes.block_k),
+                      query, key, value, extras, call,
+                      block_q=config.block_q, block_k=block_sizes.block_k,
+                      sas=gpu_prefill.fast_sas_params(config.sas_params()))
+
+
+# No Mosaic GPU decode kernel: "mosaic_gpu" decodes with the Triton kernel (as
+# "triton" does), so one name serves a whole model on Hopper. The wgmma kernel
+# needs sm_90+: ``min_compute_capability`` makes an explicit call elsewhere fail
+# fast and keeps it out of the default order there (``backends.default_order``).
+MOSAIC_GPU = None if mgpu_prefill is None or compat.plmgpu is None else Backend(
+    name="mosaic_gpu", platforms=("gpu",), prefill=mosaic_gpu_prefill,
+    decode=_triton_decode, min_compute_capability=(9, 0))
 
 
 # --- mosaic_tpu ----------------------------------------------------------------------------

@@ -116,9 +116,11 @@ def nonfinite_rows(inputs: PrefillInputs, tq: int) -> jax.Array:
   return ~jnp.isfinite(inputs.q_scale[:, :, :tq]) | jnp.repeat(bad_kv, hq // hk, axis=1)[..., None]
 
 
-def decode_with(kernel, query, cache: QuantizedKVCache, call: Call):
+def decode_with(kernel, query, cache: QuantizedKVCache, call: Call, sas=None):
   """Runs ``kernel`` (the reference's or a Pallas kernel's decode signature)
   once per bit width of the cache and puts the heads back in order.
+
+  ``sas``: the exponent's parameters (default: the config's SAS).
 
   Query rows of KV slot ``h`` are its GQA query heads x new tokens; the new
   tokens sit at positions ``lengths - Tq + i`` (they are already cached), so
@@ -142,7 +144,8 @@ def decode_with(kernel, query, cache: QuantizedKVCache, call: Call):
     start += h
     residual = ResidualKV(*(x[:, sl] for x in cache.residual))
     outs.append(kernel(rows[:, sl], q_scale[:, sl], q_pos, seg, residual, cache.lengths,
-                       bits=bits, group=cache.group_size, sas=call.config.sas_params()))
+                       bits=bits, group=cache.group_size,
+                       sas=call.config.sas_params() if sas is None else sas))
   out = jnp.concatenate(outs, axis=1).reshape(b, hk, g, tq, d)
   out = jnp.take(out, jnp.argsort(cache.head_perm), axis=1)
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, tq, hq, d)
