@@ -42,6 +42,18 @@ def _impl_fn(impl: str, config, **kwargs):
                                    config=config, **kwargs))
 
 
+def exact_reference(q, k, v, causal: bool, chunk: int = 1024):
+  """Float32 exact attention, ``chunk`` queries at a time: the ``[T, T]``
+  scores of a 16k-token prefill do not fit in GPU memory at once."""
+  attend = jax.jit(lambda qc, k, v, start: turbojax.dot_product_attention(
+      qc, k, v, is_causal=causal, query_offset=start,
+      config=turbojax.TurboConfig(exact=True)))
+  k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+  return jnp.concatenate([
+      attend(q[:, i:i + chunk].astype(jnp.float32), k, v, jnp.int32(i))
+      for i in range(0, q.shape[1], chunk)], axis=1)
+
+
 def prefill_suite(args) -> list[dict]:
   rows = []
   config = turbojax.TurboConfig()
@@ -49,9 +61,7 @@ def prefill_suite(args) -> list[dict]:
     for causal in args.causal:
       q, k, v = random_qkv(0, args.batch, seq, seq, args.heads, args.kv_heads, args.head_dim,
                            jnp.bfloat16)
-      exact = turbojax.dot_product_attention(
-          *(x.astype(jnp.float32) for x in (q, k, v)), is_causal=causal,
-          config=turbojax.TurboConfig(exact=True)) if args.check else None
+      exact = exact_reference(q, k, v, causal) if args.check else None
       flops = common.attention_flops(args.batch, seq, seq, args.heads, args.head_dim, causal)
       quant = jax.jit(functools.partial(
           quantize_for_prefill, config=config, block_q=config.block_q, block_k=config.block_k,

@@ -122,10 +122,10 @@ class BlockSizes:
     entry = tuned_block_sizes.lookup(
         KERNEL_NAME, device_kind=device_kind, dtype=dtype, head_dim=head_dim,
         seq_len=seq_len_k)
-    if entry is None:
-      # 128-key tiles: a 128-byte swizzled int8 row for v_t and P, N = 128
-      # for Q.K^T, and half the per-tile accumulator rescales of 64.
-      entry = dict(block_k=128 if seq_len_k % 128 == 0 else 64)
+    entry = entry or {}
+    # 128-key tiles: a 128-byte swizzled int8 row for v_t and P, N = 128
+    # for Q.K^T, and half the per-tile accumulator rescales of 64.
+    entry.setdefault("block_k", 128 if seq_len_k % 128 == 0 else 64)
     return cls(**entry)
 
 
@@ -749,13 +749,15 @@ def main(argv=None):
                          BlockSizes(block_k=block_k, p_rounding="nearest_even")),
       "sas_bf16_magic_rne": (SASParams(),
                              BlockSizes(block_k=block_k, p_rounding="nearest_even")),
+      "exp2_cvt_rne": (SASParams(exact=True),
+                       BlockSizes(block_k=block_k, convert="cvt", p_rounding="nearest_even")),
   }
   if args.variants != "all":
     variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
 
   # Correctness first (the same INT8 inputs through the pure-JAX reference).
   for causal in (False, True):
-    for name in ("exp2_magic", "sas_bf16_magic"):
+    for name in ("exp2_magic", "sas_bf16_magic", "exp2_cvt", "exp2_cvt_rne"):
       if name not in variants:
         continue
       sas, bs = variants[name]
@@ -781,7 +783,7 @@ def main(argv=None):
       cudnn_ms = float("nan")
       emit({"impl": "cudnn_bf16", "causal": causal, "error": repr(e)[:2000]})
     for name, (sas, bs) in variants.items():
-      if causal and name not in ("exp2_magic", "sas_bf16_magic"):
+      if causal and not name.startswith("exp2"):
         continue
       fn = jax.jit(functools.partial(
           flashq_prefill, sas=sas, causal=causal, block_sizes=bs,
