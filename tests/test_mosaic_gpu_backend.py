@@ -15,10 +15,7 @@ call hangs), so each interpreted prefill case runs in a subprocess with
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -31,7 +28,7 @@ from pallas_kernels.gpu import flashq_prefill as gpu_prefill
 from pallas_kernels.mosaic_gpu import flashq_prefill as mf
 from turbojax.attention import backends
 from turbojax.attention.base import compute_capability, parse_compute_capability
-from turbojax.testing import random_qkv, relative_error
+from turbojax.testing import random_qkv, relative_error, run_json_script
 
 pytestmark = pytest.mark.skipif("mosaic_gpu" not in backends.BACKENDS,
                                 reason="this jax build lacks Pallas Mosaic GPU")
@@ -89,13 +86,8 @@ print("RESULT" + json.dumps(t.run_case({name!r})))
 
 def _run_interpreted(name: str) -> dict:
   here = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ, NPROC="8", JAX_PLATFORMS="cpu")
   script = _SCRIPT.format(paths=[here, os.path.dirname(here)], name=name)
-  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                        text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
+  return run_json_script(script, tag="RESULT", timeout=300)
 
 
 # --- interpreted on CPU ------------------------------------------------------------

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 
@@ -34,3 +39,20 @@ def row_errors(out, ref):
   den = jnp.linalg.norm(ref, axis=-1)
   err = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), num)
   return float(jnp.mean(err)), float(jnp.max(err))
+
+
+def run_json_script(script: str, *, tag: str, timeout: float, threads: int = 8):
+  """Runs ``script`` in a fresh CPU-only Python and returns the JSON it printed
+  after ``tag`` on its last such line.
+
+  For the Mosaic GPU interpreter: it runs each warpgroup in a thread that blocks
+  in XLA host callbacks, and XLA:CPU sizes its executor pool by the CPU count
+  unless ``NPROC`` is set; with 2 cores the third warpgroup never starts.
+  """
+  env = dict(os.environ, NPROC=str(threads), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False)
+  if proc.returncode:
+    raise AssertionError(proc.stderr[-4000:])
+  line = [ln for ln in proc.stdout.splitlines() if ln.startswith(tag)][-1]
+  return json.loads(line[len(tag):])

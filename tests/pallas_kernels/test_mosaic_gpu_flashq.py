@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import zlib
 
 import jax
@@ -32,6 +30,7 @@ from pallas_kernels import common
 from pallas_kernels import sas as sas_lib
 from pallas_kernels.mosaic_gpu import flashq_prefill as mf
 from pallas_kernels.sas import SASParams
+from turbojax.testing import run_json_script
 
 SAS_F32 = SASParams(dtype="float32")
 SAS_BF16 = SASParams()
@@ -269,13 +268,8 @@ print("RESULTS" + json.dumps(
 def interpret_results():
   here = os.path.dirname(os.path.abspath(__file__))
   root = os.path.dirname(os.path.dirname(here))
-  env = dict(os.environ, NPROC="8", JAX_PLATFORMS="cpu")
   script = _INTERPRET_SCRIPT.format(paths=[here, root])
-  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")][-1]
-  return json.loads(line[len("RESULTS"):])
+  return run_json_script(script, tag="RESULTS", timeout=600)
 
 
 @pytest.mark.parametrize("name", sorted(INTERPRET_CASES))

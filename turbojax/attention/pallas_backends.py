@@ -69,11 +69,14 @@ def _decoder(name: str, kernel, exponent=None):
 _triton_decode = _decoder("triton", gpu_decode.flashq_decode, gpu_prefill.fast_sas_params)
 
 
-# --- triton (GPU); its quantization also feeds mosaic_gpu ------------------------------------
-def _gpu_quantize(call: Call, extras: Extras, block_k: int):
-  """``prefill_with``'s ``quantize`` for the GPU prefill kernels: the fused Triton
-  kernel (int8 codes, per-token scales, smoothed K, V^T with one scale per
-  ``block_k`` keys, which must be the prefill kernel's key tile)."""
+# --- triton (GPU) and mosaic_gpu (Hopper and newer) ------------------------------------------
+def _gpu_prefill(kernel, block_k: int, query, key, value, extras: Extras, call: Call):
+  """Both GPU prefill kernels: the fused Triton quantization kernel (int8 codes,
+  per-token scales, smoothed K, V^T with one scale per ``block_k`` keys, the
+  kernel's key tile), then ``kernel`` with the exp2 exponent (on H100 19% faster
+  than the SAS polynomial in the Triton kernel, and the fastest Mosaic GPU
+  variant: gpu_notes.md, mosaic_gpu_notes.md); P quantization and the int8 P.V
+  stay on."""
   config = call.config
 
   def quantize(query, key, value):
@@ -82,45 +85,34 @@ def _gpu_quantize(call: Call, extras: Extras, block_k: int):
         sm_scale=call.scale, log2e_fold=config.sas_base == 2.0, smooth_k=config.smooth_k,
         kv_lengths=extras.key_value_seq_lengths, per_token=config.per_token_scales,
         layout="bthd", interpret=config.interpret))
-  return quantize
+
+  return prefill_with(functools.partial(kernel, interpret=config.interpret), quantize,
+                      query, key, value, extras, call, block_q=config.block_q,
+                      block_k=block_k, sas=gpu_prefill.fast_sas_params(config.sas_params()))
 
 
 def triton_prefill(query, key, value, extras: Extras, call: Call):
   _check_supported("triton", query, key, value, extras, call)
-  config = call.config
   block_sizes = gpu_prefill.BlockSizes.get_default(
       head_dim=query.shape[-1], seq_len_q=query.shape[1], seq_len_k=key.shape[1])
-  kernel = functools.partial(gpu_prefill.flashq_prefill, block_sizes=block_sizes,
-                             interpret=config.interpret)
-  # exp2 on the MUFU unit measured 19% faster than the SAS polynomial in this
-  # kernel on H100 (gpu_notes.md); P quantization and the int8 P.V stay on.
-  return prefill_with(kernel, _gpu_quantize(call, extras, block_sizes.block_k),
-                      query, key, value, extras, call,
-                      block_q=config.block_q, block_k=block_sizes.block_k,
-                      sas=gpu_prefill.fast_sas_params(config.sas_params()))
+  return _gpu_prefill(functools.partial(gpu_prefill.flashq_prefill, block_sizes=block_sizes),
+                      block_sizes.block_k, query, key, value, extras, call)
 
 
 TRITON = Backend(name="triton", platforms=("gpu",), prefill=triton_prefill,
                  decode=_triton_decode)
 
 
-# --- mosaic_gpu (Hopper and newer) ----------------------------------------------------------
 def mosaic_gpu_prefill(query, key, value, extras: Extras, call: Call):
-  """The Mosaic GPU kernel on the Triton backend's quantized inputs (same
-  quantization, with the Mosaic kernel's key tile), exp2 exponent like Triton's
-  (the Mosaic kernel's exp2 variants measured fastest too; mosaic_gpu_notes.md)."""
+  """The Mosaic GPU kernel on the Triton backend's quantized inputs, with the
+  Mosaic kernel's key tile."""
   _check_supported("mosaic_gpu", query, key, value, extras, call)
   if call.local_window is not None:
     raise NotImplementedError("mosaic_gpu: local_window runs on 'triton' or 'xla'")
-  config = call.config
   block_sizes = mgpu_prefill.BlockSizes.get_default(  # block_k is one of its BLOCK_KS
       head_dim=query.shape[-1], seq_len_q=query.shape[1], seq_len_k=key.shape[1])
-  kernel = functools.partial(mgpu_prefill.flashq_prefill, block_sizes=block_sizes,
-                             interpret=config.interpret)
-  return prefill_with(kernel, _gpu_quantize(call, extras, block_sizes.block_k),
-                      query, key, value, extras, call,
-                      block_q=config.block_q, block_k=block_sizes.block_k,
-                      sas=gpu_prefill.fast_sas_params(config.sas_params()))
+  return _gpu_prefill(functools.partial(mgpu_prefill.flashq_prefill, block_sizes=block_sizes),
+                      block_sizes.block_k, query, key, value, extras, call)
 
 
 # No Mosaic GPU decode kernel: "mosaic_gpu" decodes with the Triton kernel (as
