@@ -1,0 +1,150 @@
+"""Registers and SASS of the Pallas Triton kernels, compiled here without a GPU.
+
+    pip install triton   # Linux x86-64; brings its own ptxas and cuobjdump
+    PYTHONPATH=. python benchmarks/triton_sass.py decode --bits 4 --splits 8 --warps 4 --stages 3
+    PYTHONPATH=. python benchmarks/triton_sass.py prefill
+    PYTHONPATH=. python benchmarks/triton_sass.py quantize
+
+Pallas prints the Triton IR it emits when a kernel is traced with
+``debug=True``; this script exports the kernel for CUDA (``jax.export``, no GPU
+needed), compiles that IR with the installed Triton for sm_90a and prints, per
+Triton module: registers per thread (``ptxas -v``), shared memory, and the
+instruction mix of the longest loop in the SASS (the whole kernel when it has
+no loop). The numbers track the device's within ~10% (jaxlib bundles its own
+Triton build), which is enough to compare variants before spending GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import io
+import os
+import re
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import compat
+from pallas_kernels.gpu import flashq_decode as fd
+from pallas_kernels.gpu import flashq_prefill as fp
+from pallas_kernels.gpu import quantize as qz
+from pallas_kernels.reference import PackedKV, ResidualKV
+from pallas_kernels.sas import SASParams
+
+S = jax.ShapeDtypeStruct
+
+
+def triton_modules(fn, *args) -> list[str]:
+  """The Triton IR modules Pallas emits for ``fn(*args)`` (``debug=True`` in ``fn``)."""
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    jax.export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
+            compat.TRITON_CUSTOM_CALL_TARGET)])(*args)
+  lines = buf.getvalue().split("\n")
+  modules = []
+  for start, line in enumerate(lines):
+    if line.startswith("module @"):
+      end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("}"))
+      text = "\n".join(lines[start:end + 1])
+      # Locations print as `[unknown]` or `"name:"(#locN)`; the parser wants neither.
+      text = re.sub(r' "[^"\n]*"\(#loc[0-9]*\)', "", text)
+      modules.append(re.sub(r" \[unknown\]", "", text))
+  return modules
+
+
+def compile_and_report(ttir: str, *, num_warps: int, num_stages: int) -> str:
+  import triton  # optional dependency of this tool only
+  from triton.backends.compiler import GPUTarget
+  bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+  with tempfile.TemporaryDirectory() as tmp:
+    src = os.path.join(tmp, "kernel.ttir")
+    with open(src, "w") as f:
+      f.write(ttir)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+    with open(ptx, "w") as f:
+      f.write(kernel.asm["ptx"])
+    info = subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", "-v", ptx,
+                           "-o", cubin], capture_output=True, text=True, check=True)
+    sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin],
+                          capture_output=True, text=True, check=True).stdout
+  regs = re.search(r"Used (\d+) registers", info.stdout + info.stderr).group(1)
+  instrs = [(int(m.group(1), 16), m.group(2).strip()) for m in
+            re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+  loops = [(int(m.group(1), 16), addr) for addr, text in instrs
+           if (m := re.search(r"BRA (0x[0-9a-f]+)", text)) and int(m.group(1), 16) < addr]
+  lo, hi = max(loops, key=lambda r: r[1] - r[0]) if loops else (0, instrs[-1][0])
+  ops = collections.Counter(
+      re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+      for addr, text in instrs if lo <= addr <= hi)
+  where = "longest loop" if loops else "kernel"
+  mix = " ".join(f"{op}:{n}" for op, n in ops.most_common(16))
+  return (f"{regs} registers, {kernel.metadata.shared} B shared; {where}: "
+          f"{sum(ops.values())} instructions per thread\n    {mix}")
+
+
+def decode_case(args):
+  b, h, t, g, m, d, bits = 32, 8, 8192, 64, 4, args.head_dim, args.bits
+  w, gv = d * bits // 8, min(g, d)
+  packed = PackedKV(
+      S((b, h, t, w), jnp.uint8), S((b, h, t // g, d), jnp.uint8),
+      S((b, h, t // g, d), jnp.int8), S((b, h, t), jnp.bfloat16),
+      S((b, h, t, w), jnp.uint8), S((b, h, t, d // gv), jnp.uint8),
+      S((b, h, t, d // gv), jnp.int8), S((b, h, t), jnp.bfloat16))
+  residual = ResidualKV(S((b, h, g, d), jnp.int8), S((b, h, g), jnp.bfloat16),
+                        S((b, h, g, d), jnp.int8), S((b, h, g), jnp.bfloat16))
+  bs = fd.BlockSizes(num_splits=args.splits, num_warps=args.warps, num_stages=args.stages)
+  fn = functools.partial(fd.flashq_decode, bits=bits, group=g, block_sizes=bs, debug=True,
+                         sas=SASParams(exact=args.exp2))
+  return fn, (S((b, h, m, d), jnp.int8), S((b, h, m), jnp.float32), S((b, m), jnp.int32),
+              packed, residual, S((b,), jnp.int32))
+
+
+def prefill_case(args):
+  b, hq, hk, t, d = 2, 32, 32, 4096, args.head_dim
+  bs = fp.BlockSizes(block_q=64, block_k=64, num_warps=args.warps, num_stages=args.stages)
+  fn = functools.partial(fp.flashq_prefill, sas=SASParams(exact=args.exp2), causal=False,
+                         block_sizes=bs, debug=True)
+  return fn, (S((b, hq, t, d), jnp.int8), S((b, hq, t), jnp.float32),
+              S((b, hk, t, d), jnp.int8), S((b, hk, t), jnp.float32),
+              S((b, hk, d, t), jnp.int8), S((b, hk, t // 64), jnp.float32))
+
+
+def quantize_case(args):
+  x = S((2, 4096, 32, args.head_dim), jnp.bfloat16)
+  fn = functools.partial(qz.quantize_qkv, block_q=64, block_k=64, sm_scale=0.088,
+                         log2e_fold=True, smooth_k=True, layout="bthd", debug=True)
+  return fn, (x, x, x)
+
+
+CASES = {"decode": decode_case, "prefill": prefill_case, "quantize": quantize_case}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("kernel", choices=sorted(CASES))
+  parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--bits", type=int, default=4, choices=(2, 4))
+  parser.add_argument("--splits", type=int, default=8)
+  parser.add_argument("--warps", type=int, default=4)
+  parser.add_argument("--stages", type=int, default=3)
+  parser.add_argument("--sas-polynomial", dest="exp2", action="store_false",
+                      help="the SAS polynomial instead of exp2 (the GPU default)")
+  args = parser.parse_args(argv)
+  fn, fn_args = CASES[args.kernel](args)
+  for ttir in triton_modules(fn, *fn_args):
+    name = ttir.split("\n", 1)[0].split()[1]
+    print(f"{name}: " + compile_and_report(ttir, num_warps=args.warps,
+                                           num_stages=args.stages))
+
+
+if __name__ == "__main__":
+  main()
