@@ -29,11 +29,10 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import compat
+from pallas_kernels import compat, reference
 from pallas_kernels.gpu import flashq_decode as fd
 from pallas_kernels.gpu import flashq_prefill as fp
 from pallas_kernels.gpu import quantize as qz
-from pallas_kernels.reference import PackedKV, ResidualKV
 from pallas_kernels.sas import SASParams
 
 S = jax.ShapeDtypeStruct
@@ -93,14 +92,7 @@ def compile_and_report(ttir: str, *, num_warps: int, num_stages: int) -> str:
 
 def decode_case(args):
   b, h, t, g, m, d, bits = 32, 8, 8192, 64, 4, args.head_dim, args.bits
-  w, gv = d * bits // 8, min(g, d)
-  packed = PackedKV(
-      S((b, h, t, w), jnp.uint8), S((b, h, t // g, d), jnp.uint8),
-      S((b, h, t // g, d), jnp.int8), S((b, h, t), jnp.bfloat16),
-      S((b, h, t, w), jnp.uint8), S((b, h, t, d // gv), jnp.uint8),
-      S((b, h, t, d // gv), jnp.int8), S((b, h, t), jnp.bfloat16))
-  residual = ResidualKV(S((b, h, g, d), jnp.int8), S((b, h, g), jnp.bfloat16),
-                        S((b, h, g, d), jnp.int8), S((b, h, g), jnp.bfloat16))
+  packed, residual = reference.cache_specs(b, h, t, d, bits=bits, group=g)
   bs = fd.BlockSizes(num_splits=args.splits, num_warps=args.warps, num_stages=args.stages)
   fn = functools.partial(fd.flashq_decode, bits=bits, group=g, block_sizes=bs, debug=True,
                          sas=SASParams(exact=args.exp2))

@@ -59,6 +59,37 @@ class ResidualKV(NamedTuple):
   v_scale: jax.Array
 
 
+def cache_specs(batch: int, heads: int, capacity: int, head_dim: int, *, bits: int,
+                group: int) -> tuple[PackedKV, ResidualKV]:
+  """``jax.ShapeDtypeStruct``s of one bit width's cache arrays (see ``PackedKV``)."""
+  b, h, t, d = batch, heads, capacity, head_dim
+  w, gv = d // codes_per_byte(bits), min(group, d)
+  s = jax.ShapeDtypeStruct
+  packed = PackedKV(
+      s((b, h, t, w), jnp.uint8), s((b, h, t // group, d), jnp.uint8),
+      s((b, h, t // group, d), jnp.int8), s((b, h, t), jnp.bfloat16),
+      s((b, h, t, w), jnp.uint8), s((b, h, t, d // gv), jnp.uint8),
+      s((b, h, t, d // gv), jnp.int8), s((b, h, t), jnp.bfloat16))
+  residual = ResidualKV(s((b, h, group, d), jnp.int8), s((b, h, group), jnp.bfloat16),
+                        s((b, h, group, d), jnp.int8), s((b, h, group), jnp.bfloat16))
+  return packed, residual
+
+
+def check_cache_shapes(packed: PackedKV, residual: ResidualKV, *, batch: int, heads: int,
+                       head_dim: int, bits: int, group: int) -> None:
+  """Raises ``ValueError`` naming the first cache array whose shape is not
+  ``cache_specs``'s for these sizes (capacity from ``packed.k_codes``)."""
+  t = packed.k_codes.shape[2]
+  if t % group:
+    raise ValueError(f"cache capacity {t=} must be a multiple of {group=}")
+  want = cache_specs(batch, heads, t, head_dim, bits=bits, group=group)
+  for kind, got, expected in zip(("packed", "residual"), (packed, residual), want):
+    for name, x, spec in zip(got._fields, got, expected):
+      if x.shape != spec.shape:
+        raise ValueError(f"{kind}.{name} has shape {x.shape}, expected {spec.shape} "
+                         f"for {bits=} {group=}")
+
+
 def unpack_keys(packed: PackedKV, bits: int, group: int) -> jax.Array:
   """Stage-1 keys ``[B, H, T, D]`` (int32, ``common.stage2_decode``) from the packed cache."""
   codes = unpack(packed.k_codes, bits)

@@ -239,21 +239,10 @@ def _decode_kernel(
 
 def _check_cache(q, packed: PackedKV, residual: ResidualKV, bits: int, group: int):
   b, h, _, d = q.shape
-  t = packed.k_codes.shape[2]
+  reference.check_cache_shapes(packed, residual, batch=b, heads=h, head_dim=d, bits=bits,
+                               group=group)
   w = d // codes_per_byte(bits)
   gv = min(group, d)
-  expect = dict(
-      k_codes=(b, h, t, w), k_scale2=(b, h, t // group, d), k_zero=(b, h, t // group, d),
-      k_scale=(b, h, t), v_codes=(b, h, t, w), v_scale2=(b, h, t, d // gv),
-      v_zero=(b, h, t, d // gv), v_scale=(b, h, t))
-  for name, shape in expect.items():
-    if getattr(packed, name).shape != shape:
-      raise ValueError(f"packed.{name} has shape {getattr(packed, name).shape}, "
-                       f"expected {shape} for {bits=} {group=}")
-  if residual.k.shape != (b, h, group, d) or residual.v.shape != (b, h, group, d):
-    raise ValueError(f"residual k/v must be [B, H, G, D] = {(b, h, group, d)}")
-  if t % group:
-    raise ValueError(f"cache capacity {t=} must be a multiple of {group=}")
   if not (common.is_pow2(d) and common.is_pow2(group) and group >= MIN_ROWS and w >= 8):
     raise NotImplementedError(
         f"head_dim={d} and group={group} must be powers of two (group >= {MIN_ROWS}, "

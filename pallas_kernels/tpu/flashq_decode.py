@@ -196,27 +196,10 @@ def _decode_kernel(
 def _check_inputs(q, q_scale, q_pos, packed, residual, bits, group):
   codes_per_byte(bits)
   b, h, m, d = q.shape
-  t = packed.k_codes.shape[2]
   if group % INT8_SUBLANES:
     raise ValueError(f"{group=} must be a multiple of {INT8_SUBLANES} on TPU")
-  if t % group:
-    raise ValueError(f"cache capacity {t=} must be a multiple of {group=}")
-  g = min(group, d)
-  expected = {
-      "k_codes": (b, h, t, d * bits // 8), "k_scale2": (b, h, t // group, d),
-      "k_zero": (b, h, t // group, d), "k_scale": (b, h, t),
-      "v_codes": (b, h, t, d * bits // 8), "v_scale2": (b, h, t, d // g),
-      "v_zero": (b, h, t, d // g), "v_scale": (b, h, t),
-  }
-  for name, shape in expected.items():
-    if getattr(packed, name).shape != shape:
-      raise ValueError(
-          f"packed.{name} has shape {getattr(packed, name).shape}, expected {shape}")
-  for name, shape in {"k": (b, h, group, d), "k_scale": (b, h, group),
-                      "v": (b, h, group, d), "v_scale": (b, h, group)}.items():
-    if getattr(residual, name).shape != shape:
-      raise ValueError(
-          f"residual.{name} has shape {getattr(residual, name).shape}, expected {shape}")
+  reference.check_cache_shapes(packed, residual, batch=b, heads=h, head_dim=d, bits=bits,
+                               group=group)
   if q.dtype != jnp.int8:
     raise ValueError(f"q must be int8, got {q.dtype}")
   if q_scale.shape != (b, h, m) or q_pos.shape != (b, m):

@@ -400,17 +400,20 @@ def test_prefill_lowers_for_cuda(head_dim, causal):
 @pytest.mark.parametrize("bits", [4, 2])
 def test_decode_lowers_for_cuda(head_dim, bits):
   b, h, t, g, m = 4, 2, 1024, 64, 4
-  w, gv = head_dim * bits // 8, min(g, head_dim)
-  packed = PackedKV(
-      S((b, h, t, w), jnp.uint8), S((b, h, t // g, head_dim), jnp.uint8),
-      S((b, h, t // g, head_dim), jnp.int8), S((b, h, t), jnp.bfloat16),
-      S((b, h, t, w), jnp.uint8), S((b, h, t, head_dim // gv), jnp.uint8),
-      S((b, h, t, head_dim // gv), jnp.int8), S((b, h, t), jnp.bfloat16))
-  residual = ResidualKV(S((b, h, g, head_dim), jnp.int8), S((b, h, g), jnp.bfloat16),
-                        S((b, h, g, head_dim), jnp.int8), S((b, h, g), jnp.bfloat16))
+  packed, residual = reference.cache_specs(b, h, t, head_dim, bits=bits, group=g)
   f = functools.partial(fd.flashq_decode, bits=bits, group=g, sas=SAS_BF16)
   _export_cuda(f, S((b, h, m, head_dim), jnp.int8), S((b, h, m), jnp.float32),
                S((b, m), jnp.int32), packed, residual, S((b,), jnp.int32))
+
+
+def test_decode_names_the_misshapen_cache_array():
+  b, h, t, d, g, m = 2, 2, 256, 64, 64, 4
+  packed, residual = reference.cache_specs(b, h, t, d, bits=4, group=g)
+  packed = packed._replace(v_scale=S((b, h, t + 1), jnp.bfloat16))
+  f = functools.partial(fd.flashq_decode, bits=4, group=g, sas=SAS_BF16)
+  with pytest.raises(ValueError, match=r"packed\.v_scale has shape"):
+    jax.eval_shape(f, S((b, h, m, d), jnp.int8), S((b, h, m), jnp.float32),
+                   S((b, m), jnp.int32), packed, residual, S((b,), jnp.int32))
 
 
 def test_quantize_lowers_for_cuda():

@@ -317,16 +317,7 @@ def test_prefill_lowers_for_tpu(head_dim, block_sizes, causal):
 @pytest.mark.parametrize("block_k", [64, 2048], ids=["bk64", "bk2048"])
 def test_decode_lowers_for_tpu(head_dim, bits, block_k):
   b, h, t, group, m = 4, 8, 4096, 64, 4
-  g = min(group, head_dim)
-  packed = PackedKV(
-      _sds((b, h, t, head_dim * bits // 8), jnp.uint8),
-      _sds((b, h, t // group, head_dim), jnp.uint8), _sds((b, h, t // group, head_dim), jnp.int8),
-      _sds((b, h, t), jnp.bfloat16),
-      _sds((b, h, t, head_dim * bits // 8), jnp.uint8),
-      _sds((b, h, t, head_dim // g), jnp.uint8), _sds((b, h, t, head_dim // g), jnp.int8),
-      _sds((b, h, t), jnp.bfloat16))
-  residual = ResidualKV(_sds((b, h, group, head_dim), jnp.int8), _sds((b, h, group), jnp.bfloat16),
-                        _sds((b, h, group, head_dim), jnp.int8), _sds((b, h, group), jnp.bfloat16))
+  packed, residual = reference.cache_specs(b, h, t, head_dim, bits=bits, group=group)
   fn = functools.partial(decode_lib.flashq_decode, bits=bits, group=group, sas=SAS_BF16,
                          block_sizes=decode_lib.BlockSizes(block_k=block_k),
                          return_residuals=block_k == 64)
@@ -379,16 +370,7 @@ def test_prefill_compiles_for_tpu(topology, head_dim):
      pytest.param(64, 2, marks=pytest.mark.slow)])
 def test_decode_compiles_for_tpu(topology, head_dim, bits):
   b, h, t, group, m = 4, 8, 4096, 64, 4
-  g = min(group, head_dim)
-  packed = PackedKV(
-      _sds((b, h, t, head_dim * bits // 8), jnp.uint8),
-      _sds((b, h, t // group, head_dim), jnp.uint8), _sds((b, h, t // group, head_dim), jnp.int8),
-      _sds((b, h, t), jnp.bfloat16),
-      _sds((b, h, t, head_dim * bits // 8), jnp.uint8),
-      _sds((b, h, t, head_dim // g), jnp.uint8), _sds((b, h, t, head_dim // g), jnp.int8),
-      _sds((b, h, t), jnp.bfloat16))
-  residual = ResidualKV(_sds((b, h, group, head_dim), jnp.int8), _sds((b, h, group), jnp.bfloat16),
-                        _sds((b, h, group, head_dim), jnp.int8), _sds((b, h, group), jnp.bfloat16))
+  packed, residual = reference.cache_specs(b, h, t, head_dim, bits=bits, group=group)
   fn = functools.partial(decode_lib.flashq_decode, bits=bits, group=group, sas=SAS_BF16,
                          block_sizes=decode_lib.BlockSizes(block_k=2048), return_residuals=True)
   _assert_compiles_for(
