@@ -233,6 +233,16 @@ def _pad_to(x, axis: int, size: int):
   return jnp.pad(x, pads)
 
 
+def row_bounds(query_offset, q_lengths, kv_lengths, *, b: int, tq: int, tk: int):
+  """int32 ``[B]`` query offset, query length and key length (``None``: all)."""
+  offset = jnp.broadcast_to(jnp.asarray(query_offset, jnp.int32), (b,))
+  q_len = jnp.full((b,), tq, jnp.int32) if q_lengths is None else (
+      jnp.minimum(jnp.asarray(q_lengths, jnp.int32), tq))
+  kv_len = jnp.full((b,), tk, jnp.int32) if kv_lengths is None else (
+      jnp.minimum(jnp.asarray(kv_lengths, jnp.int32), tk))
+  return offset, q_len, kv_len
+
+
 @functools.partial(
     jax.jit, static_argnames=(
         "sas", "causal", "local_window", "block_sizes", "interpret", "debug",
@@ -285,11 +295,7 @@ def flashq_prefill(
   if d_pad != d:  # zero channels change no integer dot
     q, k, v_t = _pad_to(q, 3, d_pad), _pad_to(k, 3, d_pad), _pad_to(v_t, 2, d_pad)
 
-  offset = jnp.broadcast_to(jnp.asarray(query_offset, jnp.int32), (b,))
-  q_len = jnp.full((b,), tq, jnp.int32) if q_lengths is None else (
-      jnp.minimum(jnp.asarray(q_lengths, jnp.int32), tq))
-  kv_len = jnp.full((b,), tk, jnp.int32) if kv_lengths is None else (
-      jnp.minimum(jnp.asarray(kv_lengths, jnp.int32), tk))
+  offset, q_len, kv_len = row_bounds(query_offset, q_lengths, kv_lengths, b=b, tq=tq, tk=tk)
 
   groups = hq // hk
   scalar = pl.BlockSpec((None,), lambda b_, h, i: (b_,))

@@ -580,11 +580,8 @@ def flashq_prefill(
   steps = min(block_sizes.max_concurrent_steps, n_v_tiles)
   steps = max(steps, 1)
 
-  offset = jnp.broadcast_to(jnp.asarray(query_offset, jnp.int32), (b,))
-  q_len = jnp.full((b,), tq, jnp.int32) if q_lengths is None else (
-      jnp.minimum(jnp.asarray(q_lengths, jnp.int32), tq))
-  kv_len = jnp.full((b,), tk, jnp.int32) if kv_lengths is None else (
-      jnp.minimum(jnp.asarray(kv_lengths, jnp.int32), tk))
+  offset, q_len, kv_len = gpu_flashq_prefill.row_bounds(
+      query_offset, q_lengths, kv_lengths, b=b, tq=tq, tk=tk)
   meta = jnp.stack([offset, q_len, kv_len], axis=1)
   meta = jnp.pad(meta, ((0, 0), (0, _META_WIDTH - 3)))
   static_full = not causal and kv_lengths is None and tq_pad == tq
