@@ -28,13 +28,11 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import common, packing
 from pallas_kernels.gpu import flashq_decode as fd
 from pallas_kernels.gpu import flashq_prefill as fp
 from pallas_kernels.gpu import quantize as qz
-from pallas_kernels.reference import PackedKV, ResidualKV
 from pallas_kernels.sas import LOG2_E, SASParams
-from turbojax.quant import quantize
+from turbojax.testing import int8_per_token, int8_window, pack_cache
 
 RECORDS: list[dict] = []
 SMOKE = False  # --smoke: tiny shapes, XLA baseline, interpreted kernels (CPU check)
@@ -183,40 +181,7 @@ def prefill_section(args):
 # --- decode ----------------------------------------------------------------------
 
 
-def _int8_per_token(x):
-  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  scale = jnp.where(absmax > 0, absmax / 127, 1.0).astype(jnp.bfloat16)
-  codes = jnp.clip(common.round_half_up(x / scale.astype(jnp.float32)), -127, 127)
-  return codes.astype(jnp.int8), scale[..., 0]
-
-
-def _stage2(codes, bits, axis):
-  """The library's integer stage-2 quantizer (codes, scale2, zero), ``axis`` reduced."""
-  s2, zero = quantize.stage2_params(codes, bits, axis)
-  code = quantize.stage2_encode(codes, s2, zero, bits)
-  return code, jnp.squeeze(s2, axis), jnp.squeeze(zero, axis)
-
-
-@functools.partial(jax.jit, static_argnames=("bits", "group"))
-def build_cache(k, v, *, bits, group):
-  """``[B, H, T, D]`` float K/V -> (PackedKV, ResidualKV) (residual = zeros)."""
-  b, h, t, d = k.shape
-  k8, k_scale = _int8_per_token(k)
-  v8, v_scale = _int8_per_token(v)
-  k_code, k_s2, k_z = _stage2(k8.reshape(b, h, t // group, group, d), bits, 3)
-  gv = min(group, d)
-  v_code, v_s2, v_z = _stage2(v8.reshape(b, h, t, d // gv, gv), bits, 4)
-  packed = PackedKV(
-      packing.pack(k_code.reshape(b, h, t, d), bits), k_s2, k_z, k_scale,
-      packing.pack(v_code.reshape(b, h, t, d), bits), v_s2, v_z, v_scale)
-  return packed
-
-
-def _residual(k_tail, v_tail):
-  rk, rks = _int8_per_token(k_tail)
-  rv, rvs = _int8_per_token(v_tail)
-  return ResidualKV(rk, rks, rv, rvs)
-
+build_cache = jax.jit(pack_cache, static_argnames=("bits", "group"))
 
 DECODE_SWEEP = [
     fd.BlockSizes(num_splits=s, num_warps=w, num_stages=st)
@@ -261,7 +226,7 @@ def decode_section(args):
   v_bhtd = jnp.transpose(vf, (0, 2, 1, 3)).astype(jnp.float32)
   n_packed = (length // group) * group
   q_rows = jnp.transpose(qf[:, 0].reshape(b, hk, g, d), (0, 1, 2, 3)).astype(jnp.float32)
-  q8, q_s = _int8_per_token(q_rows)
+  q8, q_s = int8_per_token(q_rows)
   q_scale = q_s.astype(jnp.float32) * (sm_scale * LOG2_E)
   q_pos = jnp.full((b, g), length - 1, jnp.int32)
   lengths = jnp.full((b,), length, jnp.int32)
@@ -270,7 +235,7 @@ def decode_section(args):
   def cache_for(bits, heads):
     packed = build_cache(k_bhtd[:, heads], v_bhtd[:, heads], bits=bits, group=group)
     tail = slice(n_packed, n_packed + group)
-    res = _residual(k_bhtd[:, heads, tail], v_bhtd[:, heads, tail])
+    res = int8_window(k_bhtd[:, heads, tail], v_bhtd[:, heads, tail])
     return packed, res
 
   def nbytes(tree):

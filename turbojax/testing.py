@@ -10,6 +10,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import common, packing
+from pallas_kernels.reference import PackedKV, ResidualKV
+from turbojax.quant import quantize
+
 
 def random_qkv(seed: int, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int,
                head_dim: int, dtype=jnp.float32, *, k_outliers: bool = False):
@@ -56,3 +60,38 @@ def run_json_script(script: str, *, tag: str, timeout: float, threads: int = 8):
     raise AssertionError(proc.stderr[-4000:])
   line = [ln for ln in proc.stdout.splitlines() if ln.startswith(tag)][-1]
   return json.loads(line[len(tag):])
+
+
+def int8_per_token(x):
+  """Per-token INT8 codes of ``[..., D]`` and bf16 scales (the scale applied as
+  stored), as ``QuantizedKVCache`` keeps K/V."""
+  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  scale = jnp.where(absmax > 0, absmax / 127, 1.0).astype(jnp.bfloat16)
+  codes = jnp.clip(common.round_half_up(x / scale.astype(jnp.float32)), -127, 127)
+  return codes.astype(jnp.int8), scale[..., 0]
+
+
+def _stage2(codes, bits: int, axis: int):
+  s2, zero = quantize.stage2_params(codes, bits, axis)
+  code = quantize.stage2_encode(codes, s2, zero, bits)
+  return code, jnp.squeeze(s2, axis), jnp.squeeze(zero, axis)
+
+
+def pack_cache(k, v, *, bits: int, group: int) -> PackedKV:
+  """Float K/V ``[B, H, T, D]`` -> one bit width's packed cache arrays, with the
+  library's stage-1 and stage-2 quantizers (K grouped along tokens per channel,
+  V along channels per token), for kernel tests and benchmarks."""
+  b, h, t, d = k.shape
+  k8, k_scale = int8_per_token(k)
+  v8, v_scale = int8_per_token(v)
+  k_code, k_s2, k_z = _stage2(k8.reshape(b, h, t // group, group, d), bits, 3)
+  gv = min(group, d)
+  v_code, v_s2, v_z = _stage2(v8.reshape(b, h, t, d // gv, gv), bits, 4)
+  return PackedKV(
+      packing.pack(k_code.reshape(b, h, t, d), bits), k_s2, k_z, k_scale,
+      packing.pack(v_code.reshape(b, h, t, d), bits), v_s2, v_z, v_scale)
+
+
+def int8_window(k, v) -> ResidualKV:
+  """Float K/V ``[B, H, G, D]`` -> an INT8 residual window."""
+  return ResidualKV(*int8_per_token(k), *int8_per_token(v))

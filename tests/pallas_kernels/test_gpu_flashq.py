@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import common, compat, packing
+from pallas_kernels import compat
 from pallas_kernels import reference
 from pallas_kernels.gpu import flashq_decode as fd
 from pallas_kernels.gpu import flashq_prefill as fp
 from pallas_kernels.gpu import quantize as qz
-from pallas_kernels.reference import PackedKV, ResidualKV
+from pallas_kernels.reference import ResidualKV
 from pallas_kernels.sas import SASParams
+from turbojax.testing import int8_window, pack_cache
 
 _ON_GPU = jax.default_backend() == "gpu"
 
@@ -73,43 +74,15 @@ def prefill_inputs(seed, *, b, hq, hk, tq, tk, d, block_k, logit_scale=3.0):
   return q, q_scale, k, k_scale, v_t, v_scale
 
 
-def _int8_per_token(x):
-  """Per-token INT8 codes with bf16 scales (the scale applied as stored)."""
-  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  scale = jnp.where(absmax > 0, absmax / 127, 1.0).astype(jnp.bfloat16)
-  codes = jnp.clip(common.round_half_up(x / scale.astype(jnp.float32)), -127, 127)
-  return codes.astype(jnp.int8), scale[..., 0]
-
-
-def _stage2(codes, bits, axis):
-  """Integer stage-2 params and codes: ``s2 = (hi-lo)//(2**bits-1) + 1``,
-  ``z = -round(lo/s2)``, ``code = round(x/s2) + z``."""
-  x = codes.astype(jnp.int32)
-  lo = jnp.min(x, axis=axis, keepdims=True)
-  hi = jnp.max(x, axis=axis, keepdims=True)
-  s2 = (hi - lo) // (2**bits - 1) + 1
-  zero = -common.round_half_up(lo / s2).astype(jnp.int32)
-  code = jnp.clip(common.round_half_up(x / s2).astype(jnp.int32) + zero, 0, 2**bits - 1)
-  return code.astype(jnp.uint8), jnp.squeeze(s2, axis).astype(jnp.uint8), (
-      jnp.squeeze(zero, axis).astype(jnp.int8))
-
-
 @functools.cache
 def make_cache(seed, *, b, h, t, d, bits, group, zero_empty_residual=False,
                lengths=None):
   """A progressive INT4/INT2 cache of random keys/values (K grouped along
   tokens per channel, V along channels per token) and an INT8 residual."""
   rng = np.random.default_rng(seed)
-  k8, k_scale = _int8_per_token(jnp.asarray(rng.normal(size=(b, h, t, d)), jnp.float32))
-  v8, v_scale = _int8_per_token(jnp.asarray(rng.normal(size=(b, h, t, d)), jnp.float32))
-  k_code, k_s2, k_z = _stage2(k8.reshape(b, h, t // group, group, d), bits, 3)
-  gv = min(group, d)
-  v_code, v_s2, v_z = _stage2(v8.reshape(b, h, t, d // gv, gv), bits, 4)
-  packed = PackedKV(
-      packing.pack(k_code.reshape(b, h, t, d), bits), k_s2, k_z, k_scale,
-      packing.pack(v_code.reshape(b, h, t, d), bits), v_s2, v_z, v_scale)
-  rk, rk_scale = _int8_per_token(jnp.asarray(rng.normal(size=(b, h, group, d)), jnp.float32))
-  rv, rv_scale = _int8_per_token(jnp.asarray(rng.normal(size=(b, h, group, d)), jnp.float32))
+  normal = lambda n: jnp.asarray(rng.normal(size=(b, h, n, d)), jnp.float32)  # noqa: E731
+  packed = pack_cache(normal(t), normal(t), bits=bits, group=group)
+  rk, rk_scale, rv, rv_scale = int8_window(normal(group), normal(group))
   if zero_empty_residual:  # unfilled ring slots: zero codes and zero scales
     filled = (jnp.arange(group)[None, :] < (jnp.asarray(lengths) % group)[:, None])
     filled = filled[:, None, :]

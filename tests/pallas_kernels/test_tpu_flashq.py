@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 
 from pallas_kernels import compat
-from pallas_kernels import packing
 from pallas_kernels import reference
-from pallas_kernels.reference import PackedKV, ResidualKV
 from pallas_kernels.sas import LOG2_E, SASParams
 from pallas_kernels.tpu import flashq_decode as decode_lib
 from pallas_kernels.tpu import flashq_prefill as prefill_lib
+from turbojax.testing import int8_per_token, int8_window, pack_cache
 
 SAS_F32 = SASParams(dtype="float32")
 SAS_BF16 = SASParams(dtype="bfloat16")
@@ -43,32 +42,12 @@ def _rel_err(out, ref):
 
 
 # --- Quantized inputs ----------------------------------------------------------
-# Self-contained NumPy stand-ins for ``turbojax.quant`` (which will provide these
-# to the dispatcher); they only need to produce valid inputs in the kernels'
-# layouts, and NumPy keeps them free of compile time.
 
 
 def _int8_per_token(x):
-  """Per-token symmetric INT8 with bf16 scales: ``x ~ x8 * scale``."""
-  scale = (np.abs(x).max(axis=-1) / 127.0).astype(jnp.bfloat16)
-  s = scale.astype(np.float32)
-  s = np.where(s > 0, s, 1.0)
-  x8 = np.clip(np.floor(x / s[..., None] + 0.5), -127, 127)
-  return x8.astype(np.int32), scale
-
-
-def _stage2(x8, bits, axis):
-  """Integer asymmetric stage 2 over ``axis``: ``x8 ~ (code - z) * s2``.
-
-  ``s2 = (hi - lo) // (2**bits - 1) + 1``, ``z = -round_half_up(lo / s2)`` and
-  ``code = round_half_up(x8 / s2) + z``, all in integer arithmetic.
-  """
-  lo = x8.min(axis=axis, keepdims=True)
-  hi = x8.max(axis=axis, keepdims=True)
-  s2 = (hi - lo) // (2**bits - 1) + 1
-  z = -((2 * lo + s2) // (2 * s2))
-  code = np.clip((2 * x8 + s2) // (2 * s2) + z, 0, 2**bits - 1)
-  return code, s2, z
+  """NumPy view of ``turbojax.testing.int8_per_token``: int32 codes, bf16 scales."""
+  codes, scale = int8_per_token(jnp.asarray(x))
+  return np.asarray(codes, np.int32), np.asarray(scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,31 +57,13 @@ def make_cache(seed, batch, heads, capacity, head_dim, *, bits, group):
   Returns ``(packed, residual, (k8, v8))``, ``k8``/``v8`` the stage-1 codes.
   """
   rng = np.random.default_rng(seed)
-  shape = (batch, heads, capacity, head_dim)
-  k8, k_scale = _int8_per_token(rng.standard_normal(shape, np.float32))
-  v8, v_scale = _int8_per_token(rng.standard_normal(shape, np.float32))
-  # K: groups of `group` tokens per channel.
-  k_codes, k_s2, k_z = _stage2(
-      k8.reshape(batch, heads, capacity // group, group, head_dim), bits, 3)
-  # V: groups of `g` channels per token.
-  g = min(group, head_dim)
-  v_codes, v_s2, v_z = _stage2(
-      v8.reshape(batch, heads, capacity, head_dim // g, g), bits, 4)
-  packed = PackedKV(
-      k_codes=packing.pack(jnp.asarray(k_codes.reshape(shape)), bits),
-      k_scale2=jnp.asarray(k_s2[:, :, :, 0].astype(np.uint8)),
-      k_zero=jnp.asarray(k_z[:, :, :, 0].astype(np.int8)),
-      k_scale=jnp.asarray(k_scale),
-      v_codes=packing.pack(jnp.asarray(v_codes.reshape(shape)), bits),
-      v_scale2=jnp.asarray(v_s2[..., 0].astype(np.uint8)),
-      v_zero=jnp.asarray(v_z[..., 0].astype(np.int8)),
-      v_scale=jnp.asarray(v_scale))
+  k, v = (jnp.asarray(rng.standard_normal((batch, heads, capacity, head_dim), np.float32))
+          for _ in range(2))
   r_shape = (batch, heads, group, head_dim)
-  rk8, rk_scale = _int8_per_token(rng.standard_normal(r_shape, np.float32))
-  rv8, rv_scale = _int8_per_token(rng.standard_normal(r_shape, np.float32))
-  residual = ResidualKV(k=jnp.asarray(rk8.astype(np.int8)), k_scale=jnp.asarray(rk_scale),
-                        v=jnp.asarray(rv8.astype(np.int8)), v_scale=jnp.asarray(rv_scale))
-  return packed, residual, (k8, v8)
+  residual = int8_window(*(jnp.asarray(rng.standard_normal(r_shape, np.float32))
+                           for _ in range(2)))
+  return (pack_cache(k, v, bits=bits, group=group), residual,
+          (_int8_per_token(k)[0], _int8_per_token(v)[0]))
 
 
 def make_prefill_inputs(seed, batch, hq, hk, tq, tk, head_dim, *, block_k):
