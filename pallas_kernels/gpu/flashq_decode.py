@@ -100,6 +100,14 @@ class BlockSizes:
     return cls(**entry)
 
 
+def _sizes_or_default(block_sizes, q, packed: PackedKV, *, group: int, bits: int):
+  if block_sizes is not None:
+    return block_sizes
+  b, h, _, d = q.shape
+  return BlockSizes.get_default(batch=b, num_kv_heads=h, head_dim=d,
+                                capacity=packed.k_codes.shape[2], group=group, bits=bits)
+
+
 def _dot_i32(a, b, *, trans_b: bool, dot_dtype: str):
   """Exact int32 ``a @ b`` (``a @ b.T``) of int8-valued operands."""
   if dot_dtype == "int8":
@@ -276,9 +284,7 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
   b, h, m_rows, d = q.shape
   _check_cache(q, packed, residual, bits, group)
   t = packed.k_codes.shape[2]
-  if block_sizes is None:
-    block_sizes = BlockSizes.get_default(
-        batch=b, num_kv_heads=h, head_dim=d, capacity=t, group=group, bits=bits)
+  block_sizes = _sizes_or_default(block_sizes, q, packed, group=group, bits=bits)
   splits = block_sizes.num_splits
   lengths = jnp.asarray(lengths, jnp.int32)
   q_scale = q_scale.astype(jnp.float32)
@@ -349,12 +355,9 @@ def flashq_decode_reference(q, q_scale, q_pos, packed: PackedKV, residual: Resid
   each split's packed tiles, combined with ``reference.residual_window_partial``.
   """
   del interpret, debug
-  b, h, _, d = q.shape
+  b = q.shape[0]
   t = packed.k_codes.shape[2]
-  if block_sizes is None:
-    block_sizes = BlockSizes.get_default(
-        batch=b, num_kv_heads=h, head_dim=d, capacity=t, group=group, bits=bits)
-  splits = block_sizes.num_splits
+  splits = _sizes_or_default(block_sizes, q, packed, group=group, bits=bits).num_splits
   lengths = jnp.asarray(lengths, jnp.int32)
   n_tiles = t // group
   tiles_per = -(-n_tiles // splits)                      # static bound per split
