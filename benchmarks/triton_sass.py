@@ -93,7 +93,8 @@ def compile_and_report(ttir: str, *, num_warps: int, num_stages: int) -> str:
 def decode_case(args):
   b, h, t, g, m, d, bits = 32, 8, 8192, 64, 4, args.head_dim, args.bits
   packed, residual = reference.cache_specs(b, h, t, d, bits=bits, group=g)
-  bs = fd.BlockSizes(num_splits=args.splits, num_warps=args.warps, num_stages=args.stages)
+  bs = fd.BlockSizes(num_splits=args.splits, num_warps=args.warps or 1,
+                     num_stages=args.stages or 1)
   fn = functools.partial(fd.flashq_decode, bits=bits, group=g, block_sizes=bs, debug=True,
                          sas=SASParams(exact=args.exp2))
   return fn, (S((b, h, m, d), jnp.int8), S((b, h, m), jnp.float32), S((b, m), jnp.int32),
@@ -102,7 +103,8 @@ def decode_case(args):
 
 def prefill_case(args):
   b, hq, hk, t, d = 2, 32, 32, 4096, args.head_dim
-  bs = fp.BlockSizes(block_q=64, block_k=64, num_warps=args.warps, num_stages=args.stages)
+  bs = fp.BlockSizes(block_q=64, block_k=64, num_warps=args.warps or 4,
+                     num_stages=args.stages or 3)
   fn = functools.partial(fp.flashq_prefill, sas=SASParams(exact=args.exp2), causal=False,
                          block_sizes=bs, debug=True)
   return fn, (S((b, hq, t, d), jnp.int8), S((b, hq, t), jnp.float32),
@@ -126,16 +128,18 @@ def main(argv=None):
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--bits", type=int, default=4, choices=(2, 4))
   parser.add_argument("--splits", type=int, default=8)
-  parser.add_argument("--warps", type=int, default=4)
-  parser.add_argument("--stages", type=int, default=3)
+  parser.add_argument("--warps", type=int, help="default: the kernel's tuned value")
+  parser.add_argument("--stages", type=int, help="default: the kernel's tuned value")
   parser.add_argument("--sas-polynomial", dest="exp2", action="store_false",
                       help="the SAS polynomial instead of exp2 (the GPU default)")
   args = parser.parse_args(argv)
   fn, fn_args = CASES[args.kernel](args)
+  sizes = fn.keywords.get("block_sizes")
+  warps = args.warps or getattr(sizes, "num_warps", 4)
+  stages = args.stages or getattr(sizes, "num_stages", 3)
   for ttir in triton_modules(fn, *fn_args):
     name = ttir.split("\n", 1)[0].split()[1]
-    print(f"{name}: " + compile_and_report(ttir, num_warps=args.warps,
-                                           num_stages=args.stages))
+    print(f"{name}: " + compile_and_report(ttir, num_warps=warps, num_stages=stages))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,45 @@ def precise_div(x, y, *, interpret: bool):
   return out
 
 
+
+def _inline_asm_i32(asm: str, *args):
+  """One int32 PTX instruction applied elementwise (``$0`` out, ``$1..`` in)."""
+  import jax.numpy as jnp
+  [out] = plgpu.elementwise_inline_asm(
+      asm, args=list(args), constraints="=r" + ",r" * len(args), pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.int32)])
+  return out
+
+
+def dp4a(a, b, c, *, interpret: bool):
+  """``c + sum_k a.byte[k] * b.byte[k]`` per int32 element, ``a``'s bytes
+  unsigned and ``b``'s signed: PTX ``dp4a.u32.s32``, four int8 products in one
+  CUDA-core instruction. Exact in int32; interpret mode computes the same sum.
+  """
+  import jax.numpy as jnp
+  if not interpret:
+    return _inline_asm_i32("dp4a.u32.s32 $0, $1, $2, $3;", a, b, c)
+  for k in range(4):
+    a_k = (a >> (8 * k)) & 0xFF
+    b_k = (b << (24 - 8 * k)) >> 24          # arithmetic shift: sign-extended byte
+    c = c + a_k * b_k
+  return c.astype(jnp.int32)
+
+
+def prmt(a, b, selector: int, *, interpret: bool):
+  """PTX ``prmt.b32``: byte ``i`` of the result is byte ``selector``'s nibble
+  ``i`` (0..7) of the 8-byte value ``b:a`` (no sign-replication modes)."""
+  import jax.numpy as jnp
+  if not interpret:
+    return _inline_asm_i32(f"prmt.b32 $0, $1, $2, {selector:#06x};", a, b)
+  out = jnp.zeros_like(a)
+  for i in range(4):
+    n = (selector >> (4 * i)) & 0x7
+    src = a if n < 4 else b
+    out = out | (((src >> (8 * (n % 4))) & 0xFF) << (8 * i))
+  return out.astype(jnp.int32)
+
+
 # --- Pallas Mosaic TPU ----------------------------------------------------------
 
 try:  # Pallas Mosaic TPU is importable on any platform (lowering needs no TPU).

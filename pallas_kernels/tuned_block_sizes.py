@@ -37,14 +37,15 @@ TUNED_BLOCK_SIZES: dict[tuple[str, str, str, int, int], dict[str, Any]] = {
     # (half-up rounding) and 1.72 / 1.04 ms for hardware conversions.
     ("mosaic_gpu_flashq_prefill", H100_SXM, "int8", 128, 4096): dict(
         p_rounding="nearest_even"),
-    # B32 T8192 Hq32 Hkv8 D128 (--sweep, 2026-11-23, session 2): 8 splits x 256
-    # heads, 4 warps, 3 stages: 0.392 ms; 8 warps (110-121 registers against 189)
-    # were 35% slower, 2 splits 12% slower, 4 splits within 1%.
+    # B32 T8192 Hq32 Hkv8 D128 (--sweep, 2026-11-23, session 3, dp4a kernel):
+    # 8 splits x 256 heads, 1 warp: 0.260 ms with the whole wrapper (fold,
+    # residual window, combine); 4 and 16 splits within 3%; 2 warps 32% slower
+    # (shared-memory reductions), stages 1 or 2 within 1%.
     ("flashq_decode", H100_SXM, "int4", 128, 8192): dict(
-        num_programs=2048, num_warps=4, num_stages=3),
-    # Half the KV heads INT2 (4 heads per call): 8 and 16 splits tie.
+        num_programs=2048, num_warps=1, num_stages=1),
+    # Half the KV heads INT2 (4 heads per call): 8 and 16 splits within 2%.
     ("flashq_decode", H100_SXM, "int2", 128, 8192): dict(
-        num_programs=2048, num_warps=4, num_stages=3),
+        num_programs=2048, num_warps=1, num_stages=1),
 }
 
 

@@ -2,27 +2,33 @@
 
 The algorithm of ``pallas_kernels.reference.flashq_decode_reference`` as a
 split-K (flash-decoding) kernel. The grid runs over (batch, KV head, split);
-the ``M`` query rows of a KV head (its GQA query heads x new tokens) form the
-M dimension of every dot, padded to 16 for the tensor cores. Each program walks
-its share of the packed tiles (one stage-2 group of ``G`` tokens each) in one
-loop. Per tile, the raw packed codes go straight into int8 dots; the stage-2
-scales and zero points never touch a code:
+each program walks its share of the packed tiles (one stage-2 group of ``G``
+tokens each) with the ``M`` query rows of its KV head (GQA heads x new tokens).
 
-  q2, r = requantize_rows(q8 * k_scale2)         K's per-channel s2 folded into Q
-  s  = (q2 . codes_k^T - q2 . k_zero) * r * q_scale * k_scale
-  m, alpha, p = SAS online-softmax update         (common.online_softmax_update)
+Decode has a handful of query rows, so a tensor-core dot would pad them to 16
+and three quarters of every softmax, P quantization and Q requantization would
+be padding (the measured bottleneck of the earlier MMA kernel). Both products
+here are int8 dot products on the CUDA cores instead: ``dp4a`` multiplies the
+four bytes of two words and adds them to an int32, exactly, and the raw packed
+codes feed it after one shift and one mask per word:
+
+  q2, r = requantize_rows(q8 * k_scale2)           per tile, before the kernel
+  s  = (dp4a(codes_k, q2) summed - q2 . k_zero) * r * q_scale * k_scale
+  m, alpha, p = SAS online-softmax update           (common.online_softmax_update)
   p8, p_scale = quantize_rows(p * v_scale * v_scale2)   per V channel group
-  acc = acc * alpha + (p8 . codes_v - p8 . v_zero) * p_scale
+  acc = acc * alpha + (dp4a(codes_v, p8) summed - p8 . v_zero) * p_scale
 
-so the per-code work is one shift and one mask of the loaded bytes (the split
-packing layout puts codes ``[part*w, (part+1)*w)`` of a row in bit field
-``part`` of bytes ``[0, w)``: each part is a contiguous channel range, and the
-query and the accumulator are kept per part). The INT8 residual window (at
-most ``G`` tokens) is one more partial computed outside the kernel
-(``reference.residual_window_partial``): in the kernel, its second code path
-raised registers from 189 to 239 per thread (4 warps). The partials
+K's packed words hold four channels of one token per byte field (the split
+packing layout puts channels ``[part*w, (part+1)*w)`` in bit field ``part``), so
+Q.K^T sums over words directly. P.V sums over tokens, so four tokens' words are
+transposed bytewise in registers (``prmt``, 2 instructions a word) to hold one
+channel's four tokens. K's per-channel ``s2`` is folded into the query for all
+tiles by XLA before the kernel (``reference.fold_key_scale2``, the reference's
+own function), with the zero-point correction ``q2 . k_zero``.
+
+The INT8 residual window (at most ``G`` tokens) is one more partial computed
+outside the kernel (``reference.residual_window_partial``); the partials
 ``(out, m, l)`` are merged by log-sum-exp (``reference.combine_partial_results``).
-
 Split-K changes the order of the online softmax, so the result equals the
 sequential reference only up to P's quantization rounding and the SAS
 threshold, which apply per split; ``flashq_decode_reference`` below runs the
@@ -44,10 +50,11 @@ from pallas_kernels.reference import PackedKV, ResidualKV
 from pallas_kernels.sas import SASParams
 
 KERNEL_NAME = "flashq_decode"
-MIN_ROWS = 16        # tensor-core M; query rows are padded to this
 NUM_SMS_FALLBACK = 132  # H100 SXM; only used when the device is unknown
 _NUM_WARPS = (1, 2, 4, 8)
-_DOT_DTYPES = ("int8", "bfloat16")
+# Byte selectors of a 4x4 byte transpose in two rounds of ``prmt``.
+_PAIR_LOW, _PAIR_HIGH = 0x5140, 0x7362      # bytes 0,1 / 2,3 of two words, interleaved
+_HALF_LOW, _HALF_HIGH = 0x5410, 0x7632      # low / high halves of two words
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,16 +63,14 @@ class BlockSizes:
 
   Attributes:
     num_splits: programs per (batch, KV head) along the cache (split-K).
-    num_warps, num_stages: Triton launch parameters.
-    dot_dtype: "int8" dots, or "bfloat16" dots on the same integer values
-      (exact: |products| < 2**14 and sums < 2**24 in f32), for tiles that
-      8-bit tensor-core dots do not accept (K < 32).
+    num_warps, num_stages: Triton launch parameters. One warp per program
+      keeps every reduction in the warp (no shared-memory round trips); the
+      occupancy comes from the number of programs.
   """
 
   num_splits: int = 8
-  num_warps: int = 4
-  num_stages: int = 3
-  dot_dtype: str = "int8"
+  num_warps: int = 1
+  num_stages: int = 1
 
   def __post_init__(self):
     for name in ("num_splits", "num_stages"):
@@ -74,8 +79,6 @@ class BlockSizes:
         raise ValueError(f"{name}={value!r} must be an int >= 1")
     if self.num_warps not in _NUM_WARPS:
       raise ValueError(f"num_warps={self.num_warps!r} must be one of {_NUM_WARPS}")
-    if self.dot_dtype not in _DOT_DTYPES:
-      raise ValueError(f"dot_dtype={self.dot_dtype!r} must be one of {_DOT_DTYPES}")
 
   @classmethod
   def get_default(cls, *, batch: int, num_kv_heads: int, head_dim: int,
@@ -89,14 +92,11 @@ class BlockSizes:
         seq_len=capacity)
     n_tiles = max(capacity // group, 1)
     if entry is None:
-      # Heuristic (from the H100 sweep): ~16 programs per SM.
-      entry = dict(num_programs=16 * NUM_SMS_FALLBACK, num_warps=4, num_stages=3)
+      entry = dict(num_programs=16 * NUM_SMS_FALLBACK)
     if "num_programs" in entry:
       programs = entry.pop("num_programs")
       entry["num_splits"] = -(-programs // max(batch * num_kv_heads, 1))
     entry["num_splits"] = max(1, min(entry["num_splits"], n_tiles))
-    if head_dim // codes_per_byte(bits) < 32:
-      entry["dot_dtype"] = "bfloat16"
     return cls(**entry)
 
 
@@ -108,139 +108,133 @@ def _sizes_or_default(block_sizes, q, packed: PackedKV, *, group: int, bits: int
                                 capacity=packed.k_codes.shape[2], group=group, bits=bits)
 
 
-def _dot_i32(a, b, *, trans_b: bool, dot_dtype: str):
-  """Exact int32 ``a @ b`` (``a @ b.T``) of int8-valued operands."""
-  if dot_dtype == "int8":
-    return compat.triton_dot(a, b, trans_b=trans_b, preferred_element_type=jnp.int32)
-  out = compat.triton_dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                          trans_b=trans_b, preferred_element_type=jnp.float32)
-  return out.astype(jnp.int32)
+def _bit_field(words, part: int, bits: int):
+  """Bit field ``part`` of every byte of int32 ``words``: four codes as bytes."""
+  mask = ((1 << bits) - 1) * 0x01010101
+  return ((words >> (part * bits)) if part else words) & mask
+
+
+def _transpose_bytes(w0, w1, w2, w3, *, interpret: bool):
+  """4x4 byte transpose of four words: ``out[k].byte[i] = w_i.byte[k]``."""
+  prmt = functools.partial(compat.prmt, interpret=interpret)
+  t0, t1 = prmt(w0, w1, _PAIR_LOW), prmt(w0, w1, _PAIR_HIGH)
+  t2, t3 = prmt(w2, w3, _PAIR_LOW), prmt(w2, w3, _PAIR_HIGH)
+  return (prmt(t0, t2, _HALF_LOW), prmt(t0, t2, _HALF_HIGH),
+          prmt(t1, t3, _HALF_LOW), prmt(t1, t3, _HALF_HIGH))
+
+
+def _pack_bytes(x):
+  """int ``[M, N]`` with values in ``[0, 255]`` -> int32 ``[M, N/4]``, byte ``b``
+  of word ``j`` = ``x[:, 4j + b]``."""
+  rows, n = x.shape
+  shifts = jnp.arange(4, dtype=jnp.int32) * 8
+  return jnp.sum(x.astype(jnp.int32).reshape(rows, n // 4, 4) << shifts, axis=-1)
 
 
 def _decode_kernel(
-    len_ref,      # [] int32: tokens in the cache
-    q_ref,        # [Mp, D] int8
-    q_scale_ref,  # [Mp] f32
-    q_pos_ref,    # [Mp] int32
-    k_codes_ref,  # [T, W] uint8, W = D * bits / 8
-    k_scale2_ref,  # [T / G, D] uint8
-    k_zero_ref,   # [T / G, D] int8
-    k_scale_ref,  # [T] bf16
-    v_codes_ref,  # [T, W] uint8
-    v_scale2_ref,  # [T, D / Gv] uint8, Gv = min(G, D)
-    v_zero_ref,   # [T, D / Gv] int8
-    v_scale_ref,  # [T] bf16
-    o_ref,        # [Mp, D] f32 (normalized partial)
-    m_ref,        # [Mp] f32
-    l_ref,        # [Mp] f32
-    *, bits: int, group: int, num_splits: int, sas: SASParams, dot_dtype: str):
-  rows, head_dim = q_ref.shape
+    len_ref,          # [] int32: tokens in the cache
+    q_words_ref,      # [T / G, Mp, D / 4] int32: K's s2 folded into q, per tile
+    q_row_scale_ref,  # [T / G, Mp] f32: r * q_scale
+    k_corr_ref,       # [T / G, Mp] f32: q2 . k_zero
+    q_pos_ref,        # [Mp] int32
+    k_words_ref,      # [T, Wd] int32, Wd = D * bits / 32: packed K codes
+    k_scale_ref,      # [T] bf16
+    v_words_ref,      # [T, Wd] int32: packed V codes
+    v_scale2_ref,     # [T, D / Gv] uint8, Gv = min(G, D)
+    v_zero_ref,       # [T, D / Gv] int8
+    v_scale_ref,      # [T] bf16
+    o_ref,            # [Mp, D] f32 (normalized partial)
+    m_ref,            # [Mp] f32
+    l_ref,            # [Mp] f32
+    *, bits: int, group: int, num_splits: int, sas: SASParams, interpret: bool):
+  rows = q_pos_ref.shape[0]
+  n_words = k_words_ref.shape[1]         # words per token (of each K/V row)
   per_byte = codes_per_byte(bits)
-  mask = (1 << bits) - 1
-  width = head_dim // per_byte           # channels per bit field (part)
+  width = 4 * n_words                    # channels per bit field (part)
+  head_dim = width * per_byte
   v_group = min(group, head_dim)
-  chunk = min(width, v_group)            # channels with one V stage-2 scale
-  chunks = [(part, j) for part in range(per_byte) for j in range(width // chunk)]
-  v_groups = sorted({(p * width + j * chunk) // v_group for p, j in chunks})
-  dot = functools.partial(_dot_i32, dot_dtype=dot_dtype)
+  chunk = min(n_words, v_group // 4)     # words of a part within one V group
+  quads = group // 4
+  dp4a = functools.partial(compat.dp4a, interpret=interpret)
+
+  def channel0(part, c):
+    """First channel of word chunk ``c`` of bit field ``part``."""
+    return part * width + 4 * c * chunk
+
+  chunks = [(k, part, c) for k in range(4) for part in range(per_byte)
+            for c in range(n_words // chunk)]
+  v_groups = sorted({channel0(part, c) // v_group for _, part, c in chunks})
 
   split = pl.program_id(2)
-  length = len_ref[()]
-  n_packed = length // group
+  n_packed = len_ref[()] // group
   per_split = (n_packed + num_splits - 1) // num_splits
   t0 = jnp.minimum(split * per_split, n_packed)
   t1 = jnp.minimum(t0 + per_split, n_packed)
   q_pos = q_pos_ref[...]
-  q_scale = q_scale_ref[...]
-  q_parts = [q_ref[:, pl.ds(part * width, width)].astype(jnp.float32)
-             for part in range(per_byte)]
 
-  def codes_of(byte_tile, part):
-    """Raw stage-2 codes of bit field ``part`` as int8 (0 .. 2**bits - 1)."""
-    codes = byte_tile >> (part * bits) if part else byte_tile
-    if part < per_byte - 1:
-      codes = codes & mask
-    return codes.astype(jnp.int8)
-
-  def load_tile(j):
-    tok = pl.multiple_of(j * group, group)
-    rows_ = pl.ds(tok, group)
-    return dict(
-        tok=tok,
-        k_bytes=k_codes_ref[rows_, :],                               # [G, W] uint8
-        k_scale2=[k_scale2_ref[j, pl.ds(p * width, width)] for p in range(per_byte)],
-        k_zero=[k_zero_ref[j, pl.ds(p * width, width)] for p in range(per_byte)],
-        k_scale=k_scale_ref[rows_],                                  # [G]
-        v_bytes={j_: v_codes_ref[rows_, pl.ds(j_ * chunk, chunk)]    # [G, c] uint8
-                 for j_ in range(width // chunk)},
-        v_scale=v_scale_ref[rows_],                                  # [G]
-        v_scale2={g: v_scale2_ref[rows_, g] for g in v_groups},      # [G] uint8
-        v_zero={g: v_zero_ref[rows_, g] for g in v_groups},          # [G] int8
-    )
-
-  def softmax(state, s, keep):
-    m, l, _ = state
-    m_new, alpha, p = common.online_softmax_update(m, s, keep, sas)
-    return m_new, alpha, p, l * alpha + jnp.sum(p, axis=-1)
-
-  def accumulate(state, m_new, alpha, l_new, pvs):
-    """``acc = acc * alpha + pv`` per channel chunk."""
-    accs = tuple(acc * alpha[:, None] + pv for acc, pv in zip(state[2], pvs))
-    return m_new, l_new, accs
-
-  def quantize_weights(p, v_scale, v_scale2=None):
-    """``p`` times V's per-token scales, quantized per row (``decode_tile_update``)."""
-    w = v_scale.astype(jnp.float32)
-    if v_scale2 is not None:
-      w = w * v_scale2.astype(jnp.float32)
-    return common.quantize_rows(p * w[None, :])
-
-  def packed_logits(tile):
-    """``reference.packed_key_logits`` of a packed tile, ``[Mp, G]`` f32."""
-    q2, r = common.requantize_rows(
-        [q * s2.astype(jnp.float32)[None, :] for q, s2 in zip(q_parts, tile["k_scale2"])])
-    s = None
-    corr = None
+  def logits(j, tok):
+    """``reference.packed_key_logits`` of tile ``j``: ``[Mp, G]`` f32."""
+    k_words = k_words_ref[pl.ds(tok, group), :]                       # [G, Wd]
+    shape = (n_words, rows, group)
+    acc = jnp.zeros(shape, jnp.int32)
     for part in range(per_byte):
-      s_part = dot(q2[part], codes_of(tile["k_bytes"], part), trans_b=True)   # [Mp, G]
-      c_part = common.zero_point_correction(q2[part], tile["k_zero"][part])  # [Mp]
-      s = s_part if s is None else s + s_part
-      corr = c_part if corr is None else corr + c_part
-    s = s.astype(jnp.float32) - corr[:, None]
-    return s * (r * q_scale)[:, None] * tile["k_scale"].astype(jnp.float32)[None, :]
+      codes = _bit_field(k_words, part, bits).T[:, None, :]           # [Wd, 1, G]
+      q2 = q_words_ref[j, :, pl.ds(part * n_words, n_words)].T[:, :, None]  # [Wd, Mp, 1]
+      acc = dp4a(jnp.broadcast_to(codes, shape), jnp.broadcast_to(q2, shape), acc)
+    s = jnp.sum(acc, axis=0).astype(jnp.float32) - k_corr_ref[j][:, None]
+    return s * q_row_scale_ref[j][:, None] * k_scale_ref[pl.ds(tok, group)].astype(
+        jnp.float32)[None, :]
 
-  def packed_pv(tile, p):
-    """``(p8_g . codes - p8_g . z_g) * p_scale_g`` per channel chunk ``[Mp, c]``."""
-    weights = {}
+  def weights(p, tok):
+    """Per V group: P times V's scales, quantized per row, packed 4 tokens a word."""
+    rows_ = pl.ds(tok, group)
+    v_scale = v_scale_ref[rows_].astype(jnp.float32)
+    out = {}
     for g in v_groups:
-      p_q, p_scale = quantize_weights(p, tile["v_scale"], tile["v_scale2"][g])
-      weights[g] = (p_q, p_scale, common.zero_point_correction(p_q, tile["v_zero"][g]))
-    pvs = []
-    for part, j_ in chunks:
-      p_q, p_scale, corr = weights[(part * width + j_ * chunk) // v_group]
-      pv = dot(p_q, codes_of(tile["v_bytes"][j_], part), trans_b=False)      # [Mp, c]
-      pvs.append((pv.astype(jnp.float32) - corr[:, None]) * p_scale[:, None])
-    return pvs
+      p_q, p_scale = common.quantize_rows(
+          p * (v_scale * v_scale2_ref[rows_, g].astype(jnp.float32))[None, :])
+      corr = common.zero_point_correction(p_q, v_zero_ref[rows_, g])
+      out[g] = (_pack_bytes(p_q).T[:, :, None], p_scale, corr)      # [G/4, Mp, 1]
+    return out
 
-  def packed_tile(j, state):
-    tile = load_tile(j)
-    s = packed_logits(tile)
+  def values_times_weights(tok, weights_):
+    """``(p8 . codes - p8 . v_zero) * p_scale`` per chunk ``[Mp, chunk]``, in ``chunks`` order."""
+    pvs = {}
+    for c in range(n_words // chunk):
+      # Words of tokens tok + 4i + b, b = 0..3: transposed, word i of output k
+      # holds byte k of the four tokens (channels 4w + k of every part).
+      four = [v_words_ref[pl.ds(tok + b, quads, stride=4), pl.ds(c * chunk, chunk)]
+              for b in range(4)]                                      # [G/4, chunk]
+      for k, words in enumerate(_transpose_bytes(*four, interpret=interpret)):
+        for part in range(per_byte):
+          p8, p_scale, corr = weights_[channel0(part, c) // v_group]
+          shape = (quads, rows, chunk)
+          codes = jnp.broadcast_to(_bit_field(words, part, bits)[:, None, :], shape)
+          pv = jnp.sum(dp4a(codes, jnp.broadcast_to(p8, shape),
+                            jnp.zeros(shape, jnp.int32)), axis=0)
+          pvs[(k, part, c)] = (pv.astype(jnp.float32) - corr[:, None]) * p_scale[:, None]
+    return [pvs[key] for key in chunks]
+
+  def tile(j, state):
+    m, l, accs = state
+    tok = pl.multiple_of(j * group, group)
+    s = logits(j, tok)
     # Causal mask: a packed token past a row's position only exists when
     # several new tokens are decoded at once.
-    k_pos = tile["tok"] + jnp.arange(group, dtype=jnp.int32)
-    keep = common.attention_mask(q_pos, k_pos, causal=True, local_window=None)
-    m_new, alpha, p, l_new = softmax(state, s, keep)
-    return accumulate(state, m_new, alpha, l_new, packed_pv(tile, p))
+    keep = common.attention_mask(q_pos, tok + jnp.arange(group, dtype=jnp.int32),
+                                 causal=True, local_window=None)
+    m_new, alpha, p = common.online_softmax_update(m, s, keep, sas)
+    pvs = values_times_weights(tok, weights(p, tok))
+    accs = tuple(acc * alpha[:, None] + pv for acc, pv in zip(accs, pvs))
+    return m_new, l * alpha + jnp.sum(p, axis=-1), accs
 
   state = (jnp.full((rows,), common.MASKED_MAX, jnp.float32),
            jnp.zeros((rows,), jnp.float32),
            tuple(jnp.zeros((rows, chunk), jnp.float32) for _ in chunks))
-  state = jax.lax.fori_loop(t0, t1, packed_tile, state)
-
-  m, l, accs = state
-  for (part, j_), acc in zip(chunks, accs):
+  m, l, accs = jax.lax.fori_loop(t0, t1, tile, state)
+  for (k, part, c), acc in zip(chunks, accs):
     out = reference.finalize(reference.SoftmaxState(m=m, l=l, acc=acc))
-    o_ref[:, pl.ds(part * width + j_ * chunk, chunk)] = out
+    o_ref[:, pl.ds(channel0(part, c) + k, chunk, stride=4)] = out
   m_ref[...] = m
   l_ref[...] = l
 
@@ -249,14 +243,29 @@ def _check_cache(q, packed: PackedKV, residual: ResidualKV, bits: int, group: in
   b, h, _, d = q.shape
   reference.check_cache_shapes(packed, residual, batch=b, heads=h, head_dim=d, bits=bits,
                                group=group)
-  w = d // codes_per_byte(bits)
-  gv = min(group, d)
-  if not (common.is_pow2(d) and common.is_pow2(group) and group >= MIN_ROWS and w >= 8):
+  if not (common.is_pow2(d) and common.is_pow2(group) and group >= 4 and d * bits >= 32):
     raise NotImplementedError(
-        f"head_dim={d} and group={group} must be powers of two (group >= {MIN_ROWS}, "
-        f"head_dim * bits / 8 >= 8)")
-  if gv % min(w, gv) or w % min(w, gv):
-    raise NotImplementedError(f"V groups of {gv} channels do not align with {bits=}")
+        f"head_dim={d} and group={group} must be powers of two (group >= 4, "
+        f"head_dim * bits >= 32)")
+
+
+def _as_words(codes):
+  """uint8 ``[..., W]`` -> int32 ``[..., W / 4]`` (little-endian: byte ``b`` of
+  word ``j`` is byte ``4j + b``); a bitcast, no copy under jit."""
+  return jax.lax.bitcast_convert_type(
+      codes.reshape(codes.shape[:-1] + (codes.shape[-1] // 4, 4)), jnp.int32)
+
+
+def fold_queries(q, q_scale, packed: PackedKV):
+  """K's stage-2 scales and zero points folded into the query rows of every tile.
+
+  Returns int32 words ``[B, H, T/G, M, D/4]`` of ``q2`` (``reference.fold_key_scale2``),
+  f32 ``r * q_scale`` and ``q2 . k_zero`` ``[B, H, T/G, M]``: the per-tile query
+  operands of ``reference.packed_key_logits``, computed by the same functions.
+  """
+  q2, r = reference.fold_key_scale2(q[:, :, None], packed.k_scale2)
+  corr = common.zero_point_correction(q2, packed.k_zero)
+  return _as_words(q2), r * q_scale.astype(jnp.float32)[:, :, None], corr
 
 
 @functools.partial(
@@ -290,11 +299,13 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
   q_scale = q_scale.astype(jnp.float32)
   res_out, res_m, res_l = reference.residual_window_partial(
       q, q_scale, q_pos, residual, lengths, group=group, sas=sas)
-  rows = max(MIN_ROWS, common.next_pow2(m_rows))
+  q_words, q_row_scale, k_corr = fold_queries(q, q_scale, packed)
+  rows = common.next_pow2(m_rows)
   pad = rows - m_rows
   if pad:
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    q_scale = jnp.pad(q_scale, ((0, 0), (0, 0), (0, pad)))
+    q_words = jnp.pad(q_words, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+    q_row_scale = jnp.pad(q_row_scale, ((0, 0),) * 3 + ((0, pad),))
+    k_corr = jnp.pad(k_corr, ((0, 0),) * 3 + ((0, pad),))
     # Padded rows see every key (their output is dropped).
     q_pos = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).max)
   q_pos = jnp.broadcast_to(q_pos[:, None, :], (b, h, rows)).astype(jnp.int32)
@@ -303,13 +314,13 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
     nd = len(block)
     return pl.BlockSpec((None, None) + block, lambda b_, h_, s_: (b_, h_) + (0,) * nd)
 
-  wb = packed.k_codes.shape[3]
+  wd = packed.k_codes.shape[3] // 4
   gv = min(group, d)
+  n = t // group
   in_specs = [
       pl.BlockSpec((None,), lambda b_, h_, s_: (b_,)),
-      spec(rows, d), spec(rows), spec(rows),
-      spec(t, wb), spec(t // group, d), spec(t // group, d), spec(t),
-      spec(t, wb), spec(t, d // gv), spec(t, d // gv), spec(t),
+      spec(n, rows, d // 4), spec(n, rows), spec(n, rows), spec(rows),
+      spec(t, wd), spec(t), spec(t, wd), spec(t, d // gv), spec(t, d // gv), spec(t),
   ]
   out_specs = [
       pl.BlockSpec((None, None, None, rows, d), lambda b_, h_, s_: (b_, h_, s_, 0, 0)),
@@ -323,7 +334,7 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
   ]
   kernel = functools.partial(
       _decode_kernel, bits=bits, group=group, num_splits=splits, sas=sas,
-      dot_dtype=block_sizes.dot_dtype)
+      interpret=interpret)
   outs, ms, ls = pl.pallas_call(
       kernel,
       grid=(b, h, splits),
@@ -335,7 +346,9 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
       interpret=interpret,
       debug=debug,
       name=KERNEL_NAME,
-  )(lengths, q, q_scale, q_pos, *packed)
+  )(lengths, q_words, q_row_scale, k_corr, q_pos, _as_words(packed.k_codes),
+    packed.k_scale, _as_words(packed.v_codes), packed.v_scale2, packed.v_zero,
+    packed.v_scale)
   outs, ms, ls = outs[:, :, :, :m_rows], ms[:, :, :, :m_rows], ls[:, :, :, :m_rows]
   out, m, l = reference.combine_partial_results(
       [outs[:, :, i] for i in range(splits)] + [res_out],

@@ -8,6 +8,7 @@ kernels for CUDA with ``jax.export`` on any machine.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 
@@ -328,8 +329,7 @@ class _DecodeTests(_KernelTest):
 def decode_block_sizes(b, h, d, t, group, bits, splits):
   bs = fd.BlockSizes.get_default(batch=b, num_kv_heads=h, head_dim=d, capacity=t,
                                  group=group, bits=bits)
-  return fd.BlockSizes(num_splits=splits, num_warps=bs.num_warps, num_stages=bs.num_stages,
-                       dot_dtype=bs.dot_dtype)
+  return dataclasses.replace(bs, num_splits=splits)
 
 
 @pytest.mark.gpu
