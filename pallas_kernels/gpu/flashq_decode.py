@@ -124,20 +124,21 @@ def _transpose_bytes(w0, w1, w2, w3, *, interpret: bool):
 
 
 def _pack_bytes(x):
-  """int ``[M, N]`` with values in ``[0, 255]`` -> int32 ``[M, N/4]``, byte ``b``
-  of word ``j`` = ``x[:, 4j + b]``."""
+  """int32 ``[M, N]`` with values in ``[0, 255]`` -> int32 ``[M, N/4]``, byte
+  ``b`` of word ``j`` = ``x[:, 4j + b]``."""
   rows, n = x.shape
   shifts = jnp.arange(4, dtype=jnp.int32) * 8
-  return jnp.sum(x.astype(jnp.int32).reshape(rows, n // 4, 4) << shifts, axis=-1)
+  return jnp.sum(x.reshape(rows, n // 4, 4) << shifts, axis=-1)
 
 
 def _decode_kernel(
     len_ref,          # [] int32: tokens in the cache
-    q_words_ref,      # [T / G, Mp, D / 4] int32: K's s2 folded into q, per tile
-    q_row_scale_ref,  # [T / G, Mp] f32: r * q_scale
-    k_corr_ref,       # [T / G, Mp] f32: q2 . k_zero
+    q_ref,            # [Mp, D] int8
+    q_scale_ref,      # [Mp] f32
     q_pos_ref,        # [Mp] int32
     k_words_ref,      # [T, Wd] int32, Wd = D * bits / 32: packed K codes
+    k_scale2_ref,     # [T / G, D] uint8
+    k_zero_ref,       # [T / G, D] int8
     k_scale_ref,      # [T] bf16
     v_words_ref,      # [T, Wd] int32: packed V codes
     v_scale2_ref,     # [T, D / Gv] uint8, Gv = min(G, D)
@@ -155,6 +156,7 @@ def _decode_kernel(
   v_group = min(group, head_dim)
   chunk = min(n_words, v_group // 4)     # words of a part within one V group
   quads = group // 4
+  qk_chunk = min(n_words, 4)             # K words per dp4a product
   dp4a = functools.partial(compat.dp4a, interpret=interpret)
 
   def channel0(part, c):
@@ -171,18 +173,35 @@ def _decode_kernel(
   t0 = jnp.minimum(split * per_split, n_packed)
   t1 = jnp.minimum(t0 + per_split, n_packed)
   q_pos = q_pos_ref[...]
+  q_scale = q_scale_ref[...]
 
   def logits(j, tok):
-    """``reference.packed_key_logits`` of tile ``j``: ``[Mp, G]`` f32."""
-    k_words = k_words_ref[pl.ds(tok, group), :]                       # [G, Wd]
-    shape = (n_words, rows, group)
-    acc = jnp.zeros(shape, jnp.int32)
-    for part in range(per_byte):
-      codes = _bit_field(k_words, part, bits).T[:, None, :]           # [Wd, 1, G]
-      q2 = q_words_ref[j, :, pl.ds(part * n_words, n_words)].T[:, :, None]  # [Wd, Mp, 1]
-      acc = dp4a(jnp.broadcast_to(codes, shape), jnp.broadcast_to(q2, shape), acc)
-    s = jnp.sum(acc, axis=0).astype(jnp.float32) - k_corr_ref[j][:, None]
-    return s * q_row_scale_ref[j][:, None] * k_scale_ref[pl.ds(tok, group)].astype(
+    """``reference.packed_key_logits`` of tile ``j``: ``[Mp, G]`` f32.
+
+    K's s2 is folded into the query (``reference.fold_key_scale2``) and ``q2``
+    packed four channels a word; the dp4a products run over ``qk_chunk`` words
+    of each K row at a time (a whole row's products would spill registers)."""
+    pieces = [(part, c) for c in range(n_words // qk_chunk) for part in range(per_byte)]
+    channels = {key: pl.ds(key[0] * width + 4 * key[1] * qk_chunk, 4 * qk_chunk)
+                for key in pieces}
+    q2, r = common.requantize_rows(
+        [q_ref[:, channels[key]].astype(jnp.float32)
+         * k_scale2_ref[j, channels[key]].astype(jnp.float32)[None, :] for key in pieces])
+    shape = (qk_chunk, rows, group)
+    s = corr = acc = None
+    for (part, c), q2_piece in zip(pieces, q2):
+      k_words = k_words_ref[pl.ds(tok, group), pl.ds(c * qk_chunk, qk_chunk)]
+      codes = _bit_field(k_words, part, bits).T[:, None, :]           # [w, 1, G]
+      q_words = _pack_bytes(q2_piece.astype(jnp.int32) & 0xFF).T[:, :, None]  # [w, Mp, 1]
+      acc = dp4a(jnp.broadcast_to(codes, shape), jnp.broadcast_to(q_words, shape),
+                 jnp.zeros(shape, jnp.int32) if part == 0 else acc)
+      c_piece = common.zero_point_correction(q2_piece, k_zero_ref[j, channels[(part, c)]])
+      corr = c_piece if corr is None else corr + c_piece
+      if part == per_byte - 1:
+        s_chunk = jnp.sum(acc, axis=0)
+        s = s_chunk if s is None else s + s_chunk
+    s = s.astype(jnp.float32) - corr[:, None]
+    return s * (r * q_scale)[:, None] * k_scale_ref[pl.ds(tok, group)].astype(
         jnp.float32)[None, :]
 
   def weights(p, tok):
@@ -194,7 +213,7 @@ def _decode_kernel(
       p_q, p_scale = common.quantize_rows(
           p * (v_scale * v_scale2_ref[rows_, g].astype(jnp.float32))[None, :])
       corr = common.zero_point_correction(p_q, v_zero_ref[rows_, g])
-      out[g] = (_pack_bytes(p_q).T[:, :, None], p_scale, corr)      # [G/4, Mp, 1]
+      out[g] = (_pack_bytes(p_q.astype(jnp.int32)).T[:, :, None], p_scale, corr)  # [G/4, Mp, 1]
     return out
 
   def values_times_weights(tok, weights_):
@@ -256,18 +275,6 @@ def _as_words(codes):
       codes.reshape(codes.shape[:-1] + (codes.shape[-1] // 4, 4)), jnp.int32)
 
 
-def fold_queries(q, q_scale, packed: PackedKV):
-  """K's stage-2 scales and zero points folded into the query rows of every tile.
-
-  Returns int32 words ``[B, H, T/G, M, D/4]`` of ``q2`` (``reference.fold_key_scale2``),
-  f32 ``r * q_scale`` and ``q2 . k_zero`` ``[B, H, T/G, M]``: the per-tile query
-  operands of ``reference.packed_key_logits``, computed by the same functions.
-  """
-  q2, r = reference.fold_key_scale2(q[:, :, None], packed.k_scale2)
-  corr = common.zero_point_correction(q2, packed.k_zero)
-  return _as_words(q2), r * q_scale.astype(jnp.float32)[:, :, None], corr
-
-
 @functools.partial(
     jax.jit, static_argnames=(
         "bits", "group", "sas", "block_sizes", "interpret", "debug", "return_residuals"))
@@ -299,13 +306,11 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
   q_scale = q_scale.astype(jnp.float32)
   res_out, res_m, res_l = reference.residual_window_partial(
       q, q_scale, q_pos, residual, lengths, group=group, sas=sas)
-  q_words, q_row_scale, k_corr = fold_queries(q, q_scale, packed)
   rows = common.next_pow2(m_rows)
   pad = rows - m_rows
   if pad:
-    q_words = jnp.pad(q_words, ((0, 0),) * 3 + ((0, pad), (0, 0)))
-    q_row_scale = jnp.pad(q_row_scale, ((0, 0),) * 3 + ((0, pad),))
-    k_corr = jnp.pad(k_corr, ((0, 0),) * 3 + ((0, pad),))
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    q_scale = jnp.pad(q_scale, ((0, 0), (0, 0), (0, pad)))
     # Padded rows see every key (their output is dropped).
     q_pos = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).max)
   q_pos = jnp.broadcast_to(q_pos[:, None, :], (b, h, rows)).astype(jnp.int32)
@@ -319,8 +324,9 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
   n = t // group
   in_specs = [
       pl.BlockSpec((None,), lambda b_, h_, s_: (b_,)),
-      spec(n, rows, d // 4), spec(n, rows), spec(n, rows), spec(rows),
-      spec(t, wd), spec(t), spec(t, wd), spec(t, d // gv), spec(t, d // gv), spec(t),
+      spec(rows, d), spec(rows), spec(rows),
+      spec(t, wd), spec(n, d), spec(n, d), spec(t),
+      spec(t, wd), spec(t, d // gv), spec(t, d // gv), spec(t),
   ]
   out_specs = [
       pl.BlockSpec((None, None, None, rows, d), lambda b_, h_, s_: (b_, h_, s_, 0, 0)),
@@ -346,9 +352,9 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
       interpret=interpret,
       debug=debug,
       name=KERNEL_NAME,
-  )(lengths, q_words, q_row_scale, k_corr, q_pos, _as_words(packed.k_codes),
-    packed.k_scale, _as_words(packed.v_codes), packed.v_scale2, packed.v_zero,
-    packed.v_scale)
+  )(lengths, q, q_scale, q_pos, _as_words(packed.k_codes), packed.k_scale2,
+    packed.k_zero, packed.k_scale, _as_words(packed.v_codes), packed.v_scale2,
+    packed.v_zero, packed.v_scale)
   outs, ms, ls = outs[:, :, :, :m_rows], ms[:, :, :, :m_rows], ls[:, :, :, :m_rows]
   out, m, l = reference.combine_partial_results(
       [outs[:, :, i] for i in range(splits)] + [res_out],
