@@ -42,29 +42,6 @@ def triton_dot(a, b, *, trans_b: bool = False, preferred_element_type=None):
       preferred_element_type=preferred_element_type)
 
 
-def precise_div(x, y, *, interpret: bool):
-  """IEEE round-to-nearest f32 ``x / y`` inside a Pallas Triton kernel.
-
-  Triton lowers an f32 division to ``div.full.f32`` (up to 2 ulp off), while
-  XLA divides exactly; quantization codes must match the pure-JAX library bit
-  for bit, so compiled kernels divide with ``div.rn.f32`` explicitly.
-  Pure-JAX code that needs the same codes divides by
-  ``optimization_barrier(broadcast_to(y))``.
-  """
-  import jax.numpy as jnp  # local: keep this module's import cheap
-  x = x.astype(jnp.float32)
-  y = jnp.broadcast_to(y.astype(jnp.float32), x.shape)
-  if interpret:
-    # XLA:CPU turns a division by a broadcast into a reciprocal multiply
-    # (not IEEE); the barrier hides the broadcast.
-    return x / jax.lax.optimization_barrier(y)
-  [out] = plgpu.elementwise_inline_asm(
-      "div.rn.f32 $0, $1, $2;", args=[x, y], constraints="=r,r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
-  return out
-
-
-
 def _inline_asm_i32(asm: str, *args):
   """One int32 PTX instruction applied elementwise (``$0`` out, ``$1..`` in)."""
   import jax.numpy as jnp

@@ -13,8 +13,9 @@ inputs of ``flashq_prefill``:
 The rule is the library's (``turbojax.quant.quantize_int8_sym``):
 ``scale = absmax / 127`` (1 for an all-zero tile) and
 ``code = clip(round_half_up(x / scale), -127, 127)``, one scale per head and
-block of tokens (or per token). The compiled kernels divide with IEEE
-rounding (``compat.precise_div``) so the codes match XLA's bit for bit. The
+block of tokens (or per token). The codes match XLA's IEEE division bit for
+bit; compiled kernels get the IEEE quotient from one reciprocal per scale and
+a multiply plus two FMAs an element (Markstein's correction step). The
 per-channel mean of K is one XLA reduction before the kernel (it needs every
 key of a head; a grid over tiles keeps the whole GPU busy for the rest).
 Inputs may be ``[B, H, T, D]`` (``layout="bhtd"``) or the API's ``[B, T, H, D]``
@@ -50,16 +51,70 @@ class QuantizedQKV(NamedTuple):
   v_scale: jax.Array  # f32 [B, Hk, Tk // block_k]
 
 
+# RN(1 / 127) in f32. 1/127 is 0.(0000001) repeating in binary, so rounding to
+# 24 bits truncates far from a tie (the exactness test checks the fraction).
+_RCP_INT8_MAX = 0.007874015718698502
+
+# PTX for ``RN($1 / $2)`` given ``$3 = RN(1 / $2)``, into register ``q``, with
+# Markstein's correction step instead of a divide:
+#   q0 = RN(x * rcp);  r = RN(x - q0 * y) (fma);  q = RN(q0 + r * rcp) (fma).
+# q is the IEEE quotient unless the remainder r underflows (|x| below ~2**-100).
+# So scales and codes are exact for every tile whose absmax is 0 or >= 2**-93
+# (~1e-28; scale >= 2**-100): smaller |x| there give quotients far below 0.5.
+# Tinier nonzero tiles may round a tie differently (XLA:CPU, the reference,
+# flushes subnormals around there anyway). Checked exhaustively at 5..13-bit
+# precision (all pairs of significands) and on random and adversarial f32
+# values by tests/pallas_kernels/test_gpu_quantize_exact.py, which emulates
+# these instructions bit for bit.
+_QUOTIENT_PTX = ("mul.rn.f32 q, $1, $3; neg.f32 r, q; fma.rn.f32 r, r, $2, $1; "
+                 "fma.rn.f32 q, r, $3, q; ")
+# ``floor(q + 0.5)`` converted with saturation to [-128, 127] (NaN -> 0, as
+# XLA converts). No clamp to -127 is needed: |x| <= absmax and an IEEE-rounded
+# scale give |x / scale| <= 127 * (1 + 2**-23), so codes stay in [-127, 127].
+_CODE_PTX = "add.rn.f32 q, q, 0f3F000000; cvt.rmi.s8.f32 $0, q; "
+
+
+def _asm(ptx: str, args, dtype, constraints: str):
+  """``ptx`` once per element (``$0``: result, ``$1...``: ``args`` broadcast)."""
+  args = [jnp.broadcast_to(a, jnp.shape(args[0])) for a in args]
+  [out] = compat.plgpu.elementwise_inline_asm(
+      "{ .reg .f32 q, r; " + ptx + "}", args=args, constraints=constraints, pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, dtype)])
+  return out
+
+
 def _scale_of(absmax, *, interpret: bool = True):
-  """``absmax / 127`` (IEEE division in compiled kernels too), 1 for 0."""
-  scale = compat.precise_div(absmax, jnp.full(jnp.shape(absmax), INT8_MAX, jnp.float32),
-                             interpret=interpret)
-  return jnp.where(absmax > 0, scale, 1.0)
+  """``(scale, rcp)``: ``scale = absmax / 127`` IEEE-rounded (1 where absmax is 0).
+
+  ``rcp = RN(1 / scale)`` feeds ``_codes`` in compiled kernels (``None`` in
+  interpret mode and the reference, which divide). Compiled, the scale is the
+  Markstein quotient too: no ``div.rn`` (and its slow-path call) is left.
+  """
+  absmax = absmax.astype(jnp.float32)
+  if interpret:  # IEEE division (the barrier stops XLA:CPU's reciprocal multiply)
+    scale = absmax / jax.lax.optimization_barrier(
+        jnp.full(jnp.shape(absmax), INT8_MAX, jnp.float32))
+    return jnp.where(absmax > 0, scale, 1.0), None
+  scale = _asm(_QUOTIENT_PTX + "mov.f32 $0, q; ",
+               [absmax, jnp.float32(INT8_MAX), jnp.float32(_RCP_INT8_MAX)],
+               jnp.float32, "=f,f,f,f")
+  # absmax = inf: the remainder is inf - inf = NaN, the IEEE quotient inf.
+  scale = jnp.where(absmax > 0, jnp.where(absmax < jnp.inf, scale, absmax), 1.0)
+  return scale, _asm("rcp.rn.f32 $0, $1; ", [scale], jnp.float32, "=f,f")
 
 
-def _codes(x, scale, *, interpret: bool):
-  x = compat.precise_div(x, scale, interpret=interpret)
-  return jnp.clip(common.round_half_up(x), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+def _codes(x, scale, rcp, *, interpret: bool):
+  """int8 ``clip(round_half_up(x / scale), -127, 127)``, ``x / scale`` IEEE-rounded.
+
+  Compiled: 5 instructions an element (``_QUOTIENT_PTX`` + ``_CODE_PTX``), the
+  same bits as the IEEE divide that interpret mode (and the reference) runs.
+  """
+  x = x.astype(jnp.float32)
+  if interpret:
+    q = x / jax.lax.optimization_barrier(jnp.broadcast_to(scale, x.shape))
+    return jnp.clip(common.round_half_up(q), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+  codes = _asm(_QUOTIENT_PTX + _CODE_PTX, [x, scale, rcp], jnp.int32, "=r,f,f,f")
+  return codes.astype(jnp.int8)
 
 
 def _qk_kernel(
@@ -78,8 +133,9 @@ def _qk_kernel(
   absmax = jnp.max(jnp.abs(x), axis=-1)
   if not per_token:  # one scale per block, kept as a [block] vector (no scalars)
     absmax = jnp.broadcast_to(jnp.max(absmax), (block,))
-  scale = _scale_of(absmax, interpret=interpret)                  # [block]
-  codes_ref[...] = _codes(x, scale[:, None], interpret=interpret)
+  scale, rcp = _scale_of(absmax, interpret=interpret)             # [block]
+  codes_ref[...] = _codes(x, scale[:, None], None if rcp is None else rcp[:, None],
+                          interpret=interpret)
   scale_ref[...] = scale if factor is None else scale * factor
 
 
@@ -89,9 +145,9 @@ def _v_kernel(
     scale_ref,   # [] f32
     *, interpret: bool):
   x = x_ref[...].astype(jnp.float32)
-  absmax = jnp.broadcast_to(jnp.max(jnp.abs(x)), (x.shape[0],))
-  scale = _scale_of(absmax, interpret=interpret)                  # [block], all equal
-  codes_ref[...] = _codes(x, scale[:, None], interpret=interpret).T
+  absmax = jnp.max(jnp.max(jnp.abs(x), axis=-1)).reshape(1, 1)   # [1, 1]: asm needs arrays
+  scale, rcp = _scale_of(absmax, interpret=interpret)
+  codes_ref[...] = _codes(x, scale, rcp, interpret=interpret).T
   scale_ref[()] = jnp.max(scale)
 
 
@@ -260,11 +316,11 @@ def quantize_qkv_reference(q, k, v, *, block_q: int, block_k: int, sm_scale: flo
     b, h, t, d = x.shape
     x = jnp.pad(x, ((0, 0), (0, 0), (0, -t % block), (0, 0)))
     if per_token:
-      scale = _scale_of(jnp.max(jnp.abs(x), axis=-1))             # [B, H, T]
+      scale, _ = _scale_of(jnp.max(jnp.abs(x), axis=-1))          # [B, H, T]
       full = scale
     else:
       tiles = x.reshape(b, h, -1, block, d)
-      scale = _scale_of(jnp.max(jnp.abs(tiles), axis=(-2, -1)))   # [B, H, T/block]
+      scale, _ = _scale_of(jnp.max(jnp.abs(tiles), axis=(-2, -1)))  # [B, H, T/block]
       full = jnp.repeat(scale, block, axis=-1)
     # IEEE division (XLA:CPU would multiply by a reciprocal of a broadcast).
     divisor = jax.lax.optimization_barrier(jnp.broadcast_to(full[..., None], x.shape))
