@@ -184,8 +184,8 @@ def prefill_section(args):
 build_cache = jax.jit(pack_cache, static_argnames=("bits", "group"))
 
 DECODE_SWEEP = [
-    fd.BlockSizes(num_splits=s, num_warps=w, num_stages=st)
-    for s in (4, 8, 16) for w in (1, 2) for st in (1, 2)]
+    fd.BlockSizes(num_splits=s, num_warps=1, qk_words=qk)
+    for s in (4, 8, 16) for qk in (2, 4, 8)] + [fd.BlockSizes(num_warps=2)]
 DECODE_FINAL = [
     fd.BlockSizes(num_splits=8, num_warps=1, num_stages=1),
     fd.BlockSizes(num_splits=4, num_warps=1, num_stages=1),

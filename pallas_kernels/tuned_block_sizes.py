@@ -37,15 +37,15 @@ TUNED_BLOCK_SIZES: dict[tuple[str, str, str, int, int], dict[str, Any]] = {
     # (half-up rounding) and 1.72 / 1.04 ms for hardware conversions.
     ("mosaic_gpu_flashq_prefill", H100_SXM, "int8", 128, 4096): dict(
         p_rounding="nearest_even"),
-    # B32 T8192 Hq32 Hkv8 D128 (--sweep, 2026-11-23, session 3, dp4a kernel):
-    # 8 splits x 256 heads, 1 warp: 0.260 ms with the whole wrapper (fold,
-    # residual window, combine); 4 and 16 splits within 3%; 2 warps 32% slower
-    # (shared-memory reductions), stages 1 or 2 within 1%.
+    # B32 T8192 Hq32 Hkv8 D128 (kernels_gpu.py --sweep, 2026-11-23, session 3,
+    # dp4a kernel): 8 splits x 256 heads, 1 warp, 4 K words per Q.K product:
+    # 0.213 ms for the whole call; 4 and 16 splits within 2%; qk_words 2 / 8
+    # 10% / 20% slower; 2 warps 7% slower.
     ("flashq_decode", H100_SXM, "int4", 128, 8192): dict(
-        num_programs=2048, num_warps=1, num_stages=1),
-    # Half the KV heads INT2 (4 heads per call): 8 and 16 splits within 2%.
+        num_programs=2048, num_warps=1, num_stages=1, qk_words=4),
+    # Half the KV heads INT2 (4 heads per call): 8 and 16 splits within 1%.
     ("flashq_decode", H100_SXM, "int2", 128, 8192): dict(
-        num_programs=2048, num_warps=1, num_stages=1),
+        num_programs=2048, num_warps=1, num_stages=1, qk_words=4),
 }
 
 

@@ -12,7 +12,7 @@ here are int8 dot products on the CUDA cores instead: ``dp4a`` multiplies the
 four bytes of two words and adds them to an int32, exactly, and the raw packed
 codes feed it after one shift and one mask per word:
 
-  q2, r = requantize_rows(q8 * k_scale2)           per tile, before the kernel
+  q2, r = requantize_rows(q8 * k_scale2)           K's per-channel s2 folded into Q
   s  = (dp4a(codes_k, q2) summed - q2 . k_zero) * r * q_scale * k_scale
   m, alpha, p = SAS online-softmax update           (common.online_softmax_update)
   p8, p_scale = quantize_rows(p * v_scale * v_scale2)   per V channel group
@@ -20,11 +20,10 @@ codes feed it after one shift and one mask per word:
 
 K's packed words hold four channels of one token per byte field (the split
 packing layout puts channels ``[part*w, (part+1)*w)`` in bit field ``part``), so
-Q.K^T sums over words directly. P.V sums over tokens, so four tokens' words are
-transposed bytewise in registers (``prmt``, 2 instructions a word) to hold one
-channel's four tokens. K's per-channel ``s2`` is folded into the query for all
-tiles by XLA before the kernel (``reference.fold_key_scale2``, the reference's
-own function), with the zero-point correction ``q2 . k_zero``.
+Q.K^T sums over words directly, with ``q2`` packed four channels a word. P.V
+sums over tokens, so four tokens' words are transposed bytewise in registers
+(``prmt``, 2 instructions a word) to hold one channel's four tokens. One warp
+per program keeps every reduction inside the warp.
 
 The INT8 residual window (at most ``G`` tokens) is one more partial computed
 outside the kernel (``reference.residual_window_partial``); the partials
@@ -66,13 +65,18 @@ class BlockSizes:
     num_warps, num_stages: Triton launch parameters. One warp per program
       keeps every reduction in the warp (no shared-memory round trips); the
       occupancy comes from the number of programs.
+    qk_words: K words (4 channels of a bit field each) per dp4a product in
+      Q.K^T; larger products need fewer additions but more registers.
   """
 
   num_splits: int = 8
   num_warps: int = 1
   num_stages: int = 1
+  qk_words: int = 4
 
   def __post_init__(self):
+    if not common.is_pow2(self.qk_words):
+      raise ValueError(f"qk_words={self.qk_words!r} must be a power of two")
     for name in ("num_splits", "num_stages"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
@@ -147,7 +151,8 @@ def _decode_kernel(
     o_ref,            # [Mp, D] f32 (normalized partial)
     m_ref,            # [Mp] f32
     l_ref,            # [Mp] f32
-    *, bits: int, group: int, num_splits: int, sas: SASParams, interpret: bool):
+    *, bits: int, group: int, num_splits: int, qk_words: int, sas: SASParams,
+    interpret: bool):
   rows = q_pos_ref.shape[0]
   n_words = k_words_ref.shape[1]         # words per token (of each K/V row)
   per_byte = codes_per_byte(bits)
@@ -156,7 +161,7 @@ def _decode_kernel(
   v_group = min(group, head_dim)
   chunk = min(n_words, v_group // 4)     # words of a part within one V group
   quads = group // 4
-  qk_chunk = min(n_words, 4)             # K words per dp4a product
+  qk_chunk = min(n_words, qk_words)      # K words per dp4a product
   dp4a = functools.partial(compat.dp4a, interpret=interpret)
 
   def channel0(part, c):
@@ -180,7 +185,7 @@ def _decode_kernel(
 
     K's s2 is folded into the query (``reference.fold_key_scale2``) and ``q2``
     packed four channels a word; the dp4a products run over ``qk_chunk`` words
-    of each K row at a time (a whole row's products would spill registers)."""
+    of each K row at a time (a whole row's products spill registers)."""
     pieces = [(part, c) for c in range(n_words // qk_chunk) for part in range(per_byte)]
     channels = {key: pl.ds(key[0] * width + 4 * key[1] * qk_chunk, 4 * qk_chunk)
                 for key in pieces}
@@ -339,8 +344,8 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
       jax.ShapeDtypeStruct((b, h, splits, rows), jnp.float32),
   ]
   kernel = functools.partial(
-      _decode_kernel, bits=bits, group=group, num_splits=splits, sas=sas,
-      interpret=interpret)
+      _decode_kernel, bits=bits, group=group, num_splits=splits,
+      qk_words=block_sizes.qk_words, sas=sas, interpret=interpret)
   outs, ms, ls = pl.pallas_call(
       kernel,
       grid=(b, h, splits),

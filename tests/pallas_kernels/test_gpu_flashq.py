@@ -273,6 +273,42 @@ class TestQuantizeInterpret(_QuantizeTests):
     np.testing.assert_allclose(ours.v_scale, lib.v_scale, rtol=1e-6)
 
 
+# --- integer primitives (interpret-mode versions; the compiled PTX is checked
+# end to end by the gpu-marked decode tests) ------------------------------------
+
+
+def _random_words(seed, n=4096):
+  return jnp.asarray(np.random.default_rng(seed).integers(
+      -2**31, 2**31, size=n, dtype=np.int64).astype(np.int32))
+
+
+def test_dp4a_interpret_matches_bytewise_products():
+  a, b, c = (_random_words(s) for s in (1, 2, 3))
+  got = compat.dp4a(a, b, c, interpret=True)
+  a_bytes = np.asarray(a).view(np.uint8).reshape(-1, 4).astype(np.int64)
+  b_bytes = np.asarray(b).view(np.int8).reshape(-1, 4).astype(np.int64)
+  want = (np.asarray(c, np.int64) + (a_bytes * b_bytes).sum(-1)).astype(np.int32)
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("selector", [0x5140, 0x7362, 0x5410, 0x7632, 0x3210, 0x0123])
+def test_prmt_interpret_selects_bytes(selector):
+  a, b = _random_words(4), _random_words(5)
+  got = np.asarray(compat.prmt(a, b, selector, interpret=True)).view(np.uint8).reshape(-1, 4)
+  both = np.concatenate([np.asarray(a).view(np.uint8).reshape(-1, 4),
+                         np.asarray(b).view(np.uint8).reshape(-1, 4)], axis=-1)
+  picks = [(selector >> (4 * i)) & 7 for i in range(4)]
+  np.testing.assert_array_equal(got, both[:, picks])
+
+
+def test_byte_transpose_of_four_words():
+  words = [_random_words(s, 64) for s in range(4)]
+  out = fd._transpose_bytes(*words, interpret=True)
+  w = np.stack([np.asarray(x).view(np.uint8).reshape(-1, 4) for x in words], axis=1)
+  o = np.stack([np.asarray(x).view(np.uint8).reshape(-1, 4) for x in out], axis=1)
+  np.testing.assert_array_equal(o, np.swapaxes(w, 1, 2))   # out[k].byte[i] = w_i.byte[k]
+
+
 # --- decode ------------------------------------------------------------------------
 
 DECODE_CASES = {
@@ -281,6 +317,7 @@ DECODE_CASES = {
     "int2_d128_gqa4_split3": (2, 128, 4, 1, (500, 123), 512, 3),
     "int4_d64_two_tokens_split2": (4, 64, 8, 2, (250, 123), 256, 2),
     "int2_d64_one_split": (2, 64, 4, 1, (250, 123), 256, 1),
+    "int4_d128_one_row_split2": (4, 128, 1, 1, (300, 64), 512, 2),
 }
 
 
