@@ -51,16 +51,18 @@ def _inline_asm_i32(asm: str, *args):
   return out
 
 
-def dp4a(a, b, c, *, interpret: bool):
-  """``c + sum_k a.byte[k] * b.byte[k]`` per int32 element, ``a``'s bytes
-  unsigned and ``b``'s signed: PTX ``dp4a.u32.s32``, four int8 products in one
-  CUDA-core instruction. Exact in int32; interpret mode computes the same sum.
+def dp4a(a, b, c, *, interpret: bool, signed_a: bool = False):
+  """``c + sum_k a.byte[k] * b.byte[k]`` per int32 element, ``b``'s bytes signed
+  and ``a``'s unsigned (or signed with ``signed_a``): PTX ``dp4a``, four int8
+  products in one CUDA-core instruction. Exact in int32; interpret mode
+  computes the same sum.
   """
   import jax.numpy as jnp
   if not interpret:
-    return _inline_asm_i32("dp4a.u32.s32 $0, $1, $2, $3;", a, b, c)
+    kind = "s32" if signed_a else "u32"
+    return _inline_asm_i32(f"dp4a.{kind}.s32 $0, $1, $2, $3;", a, b, c)
   for k in range(4):
-    a_k = (a >> (8 * k)) & 0xFF
+    a_k = ((a << (24 - 8 * k)) >> 24) if signed_a else ((a >> (8 * k)) & 0xFF)
     b_k = (b << (24 - 8 * k)) >> 24          # arithmetic shift: sign-extended byte
     c = c + a_k * b_k
   return c.astype(jnp.int32)

@@ -25,9 +25,10 @@ sums over tokens, so four tokens' words are transposed bytewise in registers
 (``prmt``, 2 instructions a word) to hold one channel's four tokens. One warp
 per program keeps every reduction inside the warp.
 
-The INT8 residual window (at most ``G`` tokens) is one more partial computed
-outside the kernel (``reference.residual_window_partial``); the partials
-``(out, m, l)`` are merged by log-sum-exp (``reference.combine_partial_results``).
+The INT8 residual window (at most ``G`` tokens) is one more program's partial
+(``reference.residual_window_partial``: ``dp4a`` with signed codes, no stage 2);
+the partials ``(out, m, l)`` are merged by log-sum-exp
+(``reference.combine_partial_results``).
 Split-K changes the order of the online softmax, so the result equals the
 sequential reference only up to P's quantization rounding and the SAS
 threshold, which apply per split; ``flashq_decode_reference`` below runs the
@@ -148,6 +149,10 @@ def _decode_kernel(
     v_scale2_ref,     # [T, D / Gv] uint8, Gv = min(G, D)
     v_zero_ref,       # [T, D / Gv] int8
     v_scale_ref,      # [T] bf16
+    res_k_ref,        # [G, D / 4] int32: the INT8 residual window's K, 4 channels a word
+    res_k_scale_ref,  # [G] bf16
+    res_v_ref,        # [G, D / 4] int32
+    res_v_scale_ref,  # [G] bf16
     o_ref,            # [Mp, D] f32 (normalized partial)
     m_ref,            # [Mp] f32
     l_ref,            # [Mp] f32
@@ -173,12 +178,29 @@ def _decode_kernel(
   v_groups = sorted({channel0(part, c) // v_group for _, part, c in chunks})
 
   split = pl.program_id(2)
-  n_packed = len_ref[()] // group
-  per_split = (n_packed + num_splits - 1) // num_splits
-  t0 = jnp.minimum(split * per_split, n_packed)
-  t1 = jnp.minimum(t0 + per_split, n_packed)
+  length = len_ref[()]
+  n_packed = length // group
   q_pos = q_pos_ref[...]
   q_scale = q_scale_ref[...]
+
+  def q_words(channels):
+    """int8 ``q`` of ``channels`` packed four channels a word, ``[w, Mp, 1]``."""
+    return _pack_bytes(q_ref[:, channels].astype(jnp.int32) & 0xFF).T[:, :, None]
+
+  def transposed_quads(ref, tok, words):
+    """The words of tokens ``tok + 4i + b`` (b = 0..3), transposed: output
+    ``k``'s word ``[i, w]`` holds byte ``k`` of word ``w`` of those 4 tokens."""
+    four = [ref[pl.ds(tok + b, quads, stride=4), words] for b in range(4)]   # [G/4, w]
+    return _transpose_bytes(*four, interpret=interpret)
+
+  def write(m, l, accs):
+    """Stores the normalized partial; ``accs``: ``{first channel: [Mp, w]}``
+    holding channels ``first + 4i``."""
+    for first, acc in accs.items():
+      out = reference.finalize(reference.SoftmaxState(m=m, l=l, acc=acc))
+      o_ref[:, pl.ds(first, acc.shape[1], stride=4)] = out
+    m_ref[...] = m
+    l_ref[...] = l
 
   def logits(j, tok):
     """``reference.packed_key_logits`` of tile ``j``: ``[Mp, G]`` f32.
@@ -197,8 +219,8 @@ def _decode_kernel(
     for (part, c), q2_piece in zip(pieces, q2):
       k_words = k_words_ref[pl.ds(tok, group), pl.ds(c * qk_chunk, qk_chunk)]
       codes = _bit_field(k_words, part, bits).T[:, None, :]           # [w, 1, G]
-      q_words = _pack_bytes(q2_piece.astype(jnp.int32) & 0xFF).T[:, :, None]  # [w, Mp, 1]
-      acc = dp4a(jnp.broadcast_to(codes, shape), jnp.broadcast_to(q_words, shape),
+      q2_words = _pack_bytes(q2_piece.astype(jnp.int32) & 0xFF).T[:, :, None]  # [w, Mp, 1]
+      acc = dp4a(jnp.broadcast_to(codes, shape), jnp.broadcast_to(q2_words, shape),
                  jnp.zeros(shape, jnp.int32) if part == 0 else acc)
       c_piece = common.zero_point_correction(q2_piece, k_zero_ref[j, channels[(part, c)]])
       corr = c_piece if corr is None else corr + c_piece
@@ -225,11 +247,8 @@ def _decode_kernel(
     """``(p8 . codes - p8 . v_zero) * p_scale`` per chunk ``[Mp, chunk]``, in ``chunks`` order."""
     pvs = {}
     for c in range(n_words // chunk):
-      # Words of tokens tok + 4i + b, b = 0..3: transposed, word i of output k
-      # holds byte k of the four tokens (channels 4w + k of every part).
-      four = [v_words_ref[pl.ds(tok + b, quads, stride=4), pl.ds(c * chunk, chunk)]
-              for b in range(4)]                                      # [G/4, chunk]
-      for k, words in enumerate(_transpose_bytes(*four, interpret=interpret)):
+      # Byte k of a word holds channels 4w + k of every part.
+      for k, words in enumerate(transposed_quads(v_words_ref, tok, pl.ds(c * chunk, chunk))):
         for part in range(per_byte):
           p8, p_scale, corr = weights_[channel0(part, c) // v_group]
           shape = (quads, rows, chunk)
@@ -252,15 +271,50 @@ def _decode_kernel(
     accs = tuple(acc * alpha[:, None] + pv for acc, pv in zip(accs, pvs))
     return m_new, l * alpha + jnp.sum(p, axis=-1), accs
 
-  state = (jnp.full((rows,), common.MASKED_MAX, jnp.float32),
-           jnp.zeros((rows,), jnp.float32),
-           tuple(jnp.zeros((rows, chunk), jnp.float32) for _ in chunks))
-  m, l, accs = jax.lax.fori_loop(t0, t1, tile, state)
-  for (k, part, c), acc in zip(chunks, accs):
-    out = reference.finalize(reference.SoftmaxState(m=m, l=l, acc=acc))
-    o_ref[:, pl.ds(channel0(part, c) + k, chunk, stride=4)] = out
-  m_ref[...] = m
-  l_ref[...] = l
+  @pl.when(split < num_splits)
+  def _packed_tiles():
+    per_split = (n_packed + num_splits - 1) // num_splits
+    t0 = jnp.minimum(split * per_split, n_packed)
+    t1 = jnp.minimum(t0 + per_split, n_packed)
+    state = (jnp.full((rows,), common.MASKED_MAX, jnp.float32),
+             jnp.zeros((rows,), jnp.float32),
+             tuple(jnp.zeros((rows, chunk), jnp.float32) for _ in chunks))
+    m, l, accs = jax.lax.fori_loop(t0, t1, tile, state)
+    write(m, l, {channel0(part, c) + k: acc for (k, part, c), acc in zip(chunks, accs)})
+
+  @pl.when(split == num_splits)
+  def _residual_window():
+    """``reference.residual_window_partial``: the INT8 window, tokens
+    ``[n_packed * G, length)``, as the last program's partial."""
+    res_words = res_k_ref.shape[1]
+    shape = (qk_chunk, rows, group)
+    s = None
+    for c in range(res_words // qk_chunk):
+      words = pl.ds(c * qk_chunk, qk_chunk)
+      codes = res_k_ref[:, words].T[:, None, :]                       # [w, 1, G]
+      dots = dp4a(jnp.broadcast_to(codes, shape),
+                  jnp.broadcast_to(q_words(pl.ds(4 * c * qk_chunk, 4 * qk_chunk)), shape),
+                  jnp.zeros(shape, jnp.int32), signed_a=True)
+      s = jnp.sum(dots, axis=0) if s is None else s + jnp.sum(dots, axis=0)
+    s = s.astype(jnp.float32) * q_scale[:, None] * res_k_scale_ref[...].astype(
+        jnp.float32)[None, :]
+    k_pos = n_packed * group + jnp.arange(group, dtype=jnp.int32)
+    keep = common.attention_mask(q_pos, k_pos, causal=True, local_window=None,
+                                 kv_len=length)
+    m, _, p = common.online_softmax_update(
+        jnp.full((rows,), common.MASKED_MAX, jnp.float32), s, keep, sas)
+    p_q, p_scale = common.quantize_rows(p * res_v_scale_ref[...].astype(jnp.float32)[None, :])
+    p_words = _pack_bytes(p_q.astype(jnp.int32)).T[:, :, None]          # [G/4, Mp, 1]
+    width8 = min(res_words, 16)                                         # words per product
+    shape = (quads, rows, width8)
+    accs = {}
+    for c in range(res_words // width8):
+      for k, words in enumerate(transposed_quads(res_v_ref, 0, pl.ds(c * width8, width8))):
+        pv = jnp.sum(dp4a(jnp.broadcast_to(words[:, None, :], shape),
+                          jnp.broadcast_to(p_words, shape), jnp.zeros(shape, jnp.int32),
+                          signed_a=True), axis=0)
+        accs[4 * c * width8 + k] = pv.astype(jnp.float32) * p_scale[:, None]
+    write(m, jnp.sum(p, axis=-1), accs)
 
 
 def _check_cache(q, packed: PackedKV, residual: ResidualKV, bits: int, group: int):
@@ -274,7 +328,7 @@ def _check_cache(q, packed: PackedKV, residual: ResidualKV, bits: int, group: in
 
 
 def _as_words(codes):
-  """uint8 ``[..., W]`` -> int32 ``[..., W / 4]`` (little-endian: byte ``b`` of
+  """8-bit ``[..., W]`` -> int32 ``[..., W / 4]`` (little-endian: byte ``b`` of
   word ``j`` is byte ``4j + b``); a bitcast, no copy under jit."""
   return jax.lax.bitcast_convert_type(
       codes.reshape(codes.shape[:-1] + (codes.shape[-1] // 4, 4)), jnp.int32)
@@ -309,8 +363,6 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
   splits = block_sizes.num_splits
   lengths = jnp.asarray(lengths, jnp.int32)
   q_scale = q_scale.astype(jnp.float32)
-  res_out, res_m, res_l = reference.residual_window_partial(
-      q, q_scale, q_pos, residual, lengths, group=group, sas=sas)
   rows = common.next_pow2(m_rows)
   pad = rows - m_rows
   if pad:
@@ -332,23 +384,25 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
       spec(rows, d), spec(rows), spec(rows),
       spec(t, wd), spec(n, d), spec(n, d), spec(t),
       spec(t, wd), spec(t, d // gv), spec(t, d // gv), spec(t),
+      spec(group, d // 4), spec(group), spec(group, d // 4), spec(group),
   ]
   out_specs = [
       pl.BlockSpec((None, None, None, rows, d), lambda b_, h_, s_: (b_, h_, s_, 0, 0)),
       pl.BlockSpec((None, None, None, rows), lambda b_, h_, s_: (b_, h_, s_, 0)),
       pl.BlockSpec((None, None, None, rows), lambda b_, h_, s_: (b_, h_, s_, 0)),
   ]
+  partials = splits + 1      # the last program attends to the residual window
   out_shape = [
-      jax.ShapeDtypeStruct((b, h, splits, rows, d), jnp.float32),
-      jax.ShapeDtypeStruct((b, h, splits, rows), jnp.float32),
-      jax.ShapeDtypeStruct((b, h, splits, rows), jnp.float32),
+      jax.ShapeDtypeStruct((b, h, partials, rows, d), jnp.float32),
+      jax.ShapeDtypeStruct((b, h, partials, rows), jnp.float32),
+      jax.ShapeDtypeStruct((b, h, partials, rows), jnp.float32),
   ]
   kernel = functools.partial(
       _decode_kernel, bits=bits, group=group, num_splits=splits,
       qk_words=block_sizes.qk_words, sas=sas, interpret=interpret)
   outs, ms, ls = pl.pallas_call(
       kernel,
-      grid=(b, h, splits),
+      grid=(b, h, partials),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
@@ -359,12 +413,12 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
       name=KERNEL_NAME,
   )(lengths, q, q_scale, q_pos, _as_words(packed.k_codes), packed.k_scale2,
     packed.k_zero, packed.k_scale, _as_words(packed.v_codes), packed.v_scale2,
-    packed.v_zero, packed.v_scale)
+    packed.v_zero, packed.v_scale, _as_words(residual.k), residual.k_scale,
+    _as_words(residual.v), residual.v_scale)
   outs, ms, ls = outs[:, :, :, :m_rows], ms[:, :, :, :m_rows], ls[:, :, :, :m_rows]
   out, m, l = reference.combine_partial_results(
-      [outs[:, :, i] for i in range(splits)] + [res_out],
-      [ms[:, :, i] for i in range(splits)] + [res_m],
-      [ls[:, :, i] for i in range(splits)] + [res_l], base=sas.base)
+      [outs[:, :, i] for i in range(partials)], [ms[:, :, i] for i in range(partials)],
+      [ls[:, :, i] for i in range(partials)], base=sas.base)
   if return_residuals:
     return out, (m, l)
   return out

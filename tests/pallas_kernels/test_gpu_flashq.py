@@ -282,10 +282,11 @@ def _random_words(seed, n=4096):
       -2**31, 2**31, size=n, dtype=np.int64).astype(np.int32))
 
 
-def test_dp4a_interpret_matches_bytewise_products():
+@pytest.mark.parametrize("signed_a", [False, True])
+def test_dp4a_interpret_matches_bytewise_products(signed_a):
   a, b, c = (_random_words(s) for s in (1, 2, 3))
-  got = compat.dp4a(a, b, c, interpret=True)
-  a_bytes = np.asarray(a).view(np.uint8).reshape(-1, 4).astype(np.int64)
+  got = compat.dp4a(a, b, c, interpret=True, signed_a=signed_a)
+  a_bytes = np.asarray(a).view(np.int8 if signed_a else np.uint8).reshape(-1, 4).astype(np.int64)
   b_bytes = np.asarray(b).view(np.int8).reshape(-1, 4).astype(np.int64)
   want = (np.asarray(c, np.int64) + (a_bytes * b_bytes).sum(-1)).astype(np.int32)
   np.testing.assert_array_equal(got, want)
