@@ -128,12 +128,17 @@ def _transpose_bytes(w0, w1, w2, w3, *, interpret: bool):
           prmt(t1, t3, _HALF_LOW), prmt(t1, t3, _HALF_HIGH))
 
 
-def _pack_bytes(x):
-  """int32 ``[M, N]`` with values in ``[0, 255]`` -> int32 ``[M, N/4]``, byte
-  ``b`` of word ``j`` = ``x[:, 4j + b]``."""
+def _row_words(x, *, nonnegative: bool = False):
+  """int8 ``[M, 4w]`` -> int32 ``[w, M, 1]``, byte ``b`` of word ``j`` of row
+  ``m`` = ``x[m, 4j + b]``: the rows' operand of a dp4a product ``[w, M, N]``.
+  ``nonnegative`` values skip the mask that keeps a negative byte's sign bits
+  out of the next bytes."""
   rows, n = x.shape
   shifts = jnp.arange(4, dtype=jnp.int32) * 8
-  return jnp.sum(x.reshape(rows, n // 4, 4) << shifts, axis=-1)
+  x = x.astype(jnp.int32)
+  if not nonnegative:
+    x = x & 0xFF
+  return jnp.sum(x.reshape(rows, n // 4, 4) << shifts, axis=-1).T[:, :, None]
 
 
 def _decode_kernel(
@@ -183,10 +188,6 @@ def _decode_kernel(
   q_pos = q_pos_ref[...]
   q_scale = q_scale_ref[...]
 
-  def q_words(channels):
-    """int8 ``q`` of ``channels`` packed four channels a word, ``[w, Mp, 1]``."""
-    return _pack_bytes(q_ref[:, channels].astype(jnp.int32) & 0xFF).T[:, :, None]
-
   def transposed_quads(ref, tok, words):
     """The words of tokens ``tok + 4i + b`` (b = 0..3), transposed: output
     ``k``'s word ``[i, w]`` holds byte ``k`` of word ``w`` of those 4 tokens."""
@@ -219,8 +220,7 @@ def _decode_kernel(
     for (part, c), q2_piece in zip(pieces, q2):
       k_words = k_words_ref[pl.ds(tok, group), pl.ds(c * qk_chunk, qk_chunk)]
       codes = _bit_field(k_words, part, bits).T[:, None, :]           # [w, 1, G]
-      q2_words = _pack_bytes(q2_piece.astype(jnp.int32) & 0xFF).T[:, :, None]  # [w, Mp, 1]
-      acc = dp4a(jnp.broadcast_to(codes, shape), jnp.broadcast_to(q2_words, shape),
+      acc = dp4a(jnp.broadcast_to(codes, shape), jnp.broadcast_to(_row_words(q2_piece), shape),
                  jnp.zeros(shape, jnp.int32) if part == 0 else acc)
       c_piece = common.zero_point_correction(q2_piece, k_zero_ref[j, channels[(part, c)]])
       corr = c_piece if corr is None else corr + c_piece
@@ -240,7 +240,7 @@ def _decode_kernel(
       p_q, p_scale = common.quantize_rows(
           p * (v_scale * v_scale2_ref[rows_, g].astype(jnp.float32))[None, :])
       corr = common.zero_point_correction(p_q, v_zero_ref[rows_, g])
-      out[g] = (_pack_bytes(p_q.astype(jnp.int32)).T[:, :, None], p_scale, corr)  # [G/4, Mp, 1]
+      out[g] = (_row_words(p_q, nonnegative=True), p_scale, corr)    # [G/4, Mp, 1]
     return out
 
   def values_times_weights(tok, weights_):
@@ -293,7 +293,8 @@ def _decode_kernel(
       words = pl.ds(c * qk_chunk, qk_chunk)
       codes = res_k_ref[:, words].T[:, None, :]                       # [w, 1, G]
       dots = dp4a(jnp.broadcast_to(codes, shape),
-                  jnp.broadcast_to(q_words(pl.ds(4 * c * qk_chunk, 4 * qk_chunk)), shape),
+                  jnp.broadcast_to(_row_words(q_ref[:, pl.ds(4 * c * qk_chunk, 4 * qk_chunk)]),
+                                   shape),
                   jnp.zeros(shape, jnp.int32), signed_a=True)
       s = jnp.sum(dots, axis=0) if s is None else s + jnp.sum(dots, axis=0)
     s = s.astype(jnp.float32) * q_scale[:, None] * res_k_scale_ref[...].astype(
@@ -304,7 +305,7 @@ def _decode_kernel(
     m, _, p = common.online_softmax_update(
         jnp.full((rows,), common.MASKED_MAX, jnp.float32), s, keep, sas)
     p_q, p_scale = common.quantize_rows(p * res_v_scale_ref[...].astype(jnp.float32)[None, :])
-    p_words = _pack_bytes(p_q.astype(jnp.int32)).T[:, :, None]          # [G/4, Mp, 1]
+    p_words = _row_words(p_q, nonnegative=True)                        # [G/4, Mp, 1]
     width8 = min(res_words, 16)                                         # words per product
     shape = (quads, rows, width8)
     accs = {}
