@@ -42,12 +42,15 @@ def triton_dot(a, b, *, trans_b: bool = False, preferred_element_type=None):
       preferred_element_type=preferred_element_type)
 
 
-def _inline_asm_i32(asm: str, *args):
-  """One int32 PTX instruction applied elementwise (``$0`` out, ``$1..`` in)."""
+def elementwise_ptx(asm: str, *args, dtype=None, constraints: str | None = None):
+  """PTX applied elementwise inside a Pallas Triton kernel (``$0`` out,
+  ``$1..`` in; ``args`` broadcast to the first one's shape). Defaults: int32
+  registers in and out."""
   import jax.numpy as jnp
+  args = [jnp.broadcast_to(a, jnp.shape(args[0])) for a in args]
   [out] = plgpu.elementwise_inline_asm(
-      asm, args=list(args), constraints="=r" + ",r" * len(args), pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.int32)])
+      asm, args=args, constraints=constraints or "=r" + ",r" * len(args), pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, dtype or jnp.int32)])
   return out
 
 
@@ -60,7 +63,7 @@ def dp4a(a, b, c, *, interpret: bool, signed_a: bool = False):
   import jax.numpy as jnp
   if not interpret:
     kind = "s32" if signed_a else "u32"
-    return _inline_asm_i32(f"dp4a.{kind}.s32 $0, $1, $2, $3;", a, b, c)
+    return elementwise_ptx(f"dp4a.{kind}.s32 $0, $1, $2, $3;", a, b, c)
   for k in range(4):
     a_k = ((a << (24 - 8 * k)) >> 24) if signed_a else ((a >> (8 * k)) & 0xFF)
     b_k = (b << (24 - 8 * k)) >> 24          # arithmetic shift: sign-extended byte
@@ -73,7 +76,7 @@ def prmt(a, b, selector: int, *, interpret: bool):
   ``i`` (0..7) of the 8-byte value ``b:a`` (no sign-replication modes)."""
   import jax.numpy as jnp
   if not interpret:
-    return _inline_asm_i32(f"prmt.b32 $0, $1, $2, {selector:#06x};", a, b)
+    return elementwise_ptx(f"prmt.b32 $0, $1, $2, {selector:#06x};", a, b)
   out = jnp.zeros_like(a)
   for i in range(4):
     n = (selector >> (4 * i)) & 0x7

@@ -75,12 +75,9 @@ _CODE_PTX = "add.rn.f32 q, q, 0f3F000000; cvt.rmi.s8.f32 $0, q; "
 
 
 def _asm(ptx: str, args, dtype, constraints: str):
-  """``ptx`` once per element (``$0``: result, ``$1...``: ``args`` broadcast)."""
-  args = [jnp.broadcast_to(a, jnp.shape(args[0])) for a in args]
-  [out] = compat.plgpu.elementwise_inline_asm(
-      "{ .reg .f32 q, r; " + ptx + "}", args=args, constraints=constraints, pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, dtype)])
-  return out
+  """``ptx`` once per element with the scratch registers ``q`` and ``r``."""
+  return compat.elementwise_ptx("{ .reg .f32 q, r; " + ptx + "}", *args, dtype=dtype,
+                                constraints=constraints)
 
 
 def _scale_of(absmax, *, interpret: bool = True):
