@@ -172,7 +172,15 @@ def _decode_kernel(
   chunk = min(n_words, v_group // 4)     # words of a part within one V group
   quads = group // 4
   qk_chunk = min(n_words, qk_words)      # K words per dp4a product
-  dp4a = functools.partial(compat.dp4a, interpret=interpret)
+
+  def dp4a_products(cols, row_words, acc=None, *, signed_a=False):
+    """``dp4a`` of every column word ``cols[w, n]`` with every row word
+    ``row_words[w, m, 0]`` (``_row_words``), ``[w, M, N]`` int32, plus ``acc``."""
+    shape = (cols.shape[0], row_words.shape[1], cols.shape[1])
+    acc = jnp.zeros(shape, jnp.int32) if acc is None else acc
+    return compat.dp4a(jnp.broadcast_to(cols[:, None, :], shape),
+                       jnp.broadcast_to(row_words, shape), acc,
+                       interpret=interpret, signed_a=signed_a)
 
   def channel0(part, c):
     """First channel of word chunk ``c`` of bit field ``part``."""
@@ -215,13 +223,11 @@ def _decode_kernel(
     q2, r = common.requantize_rows(
         [q_ref[:, channels[key]].astype(jnp.float32)
          * k_scale2_ref[j, channels[key]].astype(jnp.float32)[None, :] for key in pieces])
-    shape = (qk_chunk, rows, group)
     s = corr = acc = None
     for (part, c), q2_piece in zip(pieces, q2):
       k_words = k_words_ref[pl.ds(tok, group), pl.ds(c * qk_chunk, qk_chunk)]
-      codes = _bit_field(k_words, part, bits).T[:, None, :]           # [w, 1, G]
-      acc = dp4a(jnp.broadcast_to(codes, shape), jnp.broadcast_to(_row_words(q2_piece), shape),
-                 jnp.zeros(shape, jnp.int32) if part == 0 else acc)
+      acc = dp4a_products(_bit_field(k_words, part, bits).T, _row_words(q2_piece),
+                          None if part == 0 else acc)
       c_piece = common.zero_point_correction(q2_piece, k_zero_ref[j, channels[(part, c)]])
       corr = c_piece if corr is None else corr + c_piece
       if part == per_byte - 1:
@@ -251,10 +257,7 @@ def _decode_kernel(
       for k, words in enumerate(transposed_quads(v_words_ref, tok, pl.ds(c * chunk, chunk))):
         for part in range(per_byte):
           p8, p_scale, corr = weights_[channel0(part, c) // v_group]
-          shape = (quads, rows, chunk)
-          codes = jnp.broadcast_to(_bit_field(words, part, bits)[:, None, :], shape)
-          pv = jnp.sum(dp4a(codes, jnp.broadcast_to(p8, shape),
-                            jnp.zeros(shape, jnp.int32)), axis=0)
+          pv = jnp.sum(dp4a_products(_bit_field(words, part, bits), p8), axis=0)
           pvs[(k, part, c)] = (pv.astype(jnp.float32) - corr[:, None]) * p_scale[:, None]
     return [pvs[key] for key in chunks]
 
@@ -287,16 +290,12 @@ def _decode_kernel(
     """``reference.residual_window_partial``: the INT8 window, tokens
     ``[n_packed * G, length)``, as the last program's partial."""
     res_words = res_k_ref.shape[1]
-    shape = (qk_chunk, rows, group)
     s = None
     for c in range(res_words // qk_chunk):
-      words = pl.ds(c * qk_chunk, qk_chunk)
-      codes = res_k_ref[:, words].T[:, None, :]                       # [w, 1, G]
-      dots = dp4a(jnp.broadcast_to(codes, shape),
-                  jnp.broadcast_to(_row_words(q_ref[:, pl.ds(4 * c * qk_chunk, 4 * qk_chunk)]),
-                                   shape),
-                  jnp.zeros(shape, jnp.int32), signed_a=True)
-      s = jnp.sum(dots, axis=0) if s is None else s + jnp.sum(dots, axis=0)
+      dots = jnp.sum(dp4a_products(
+          res_k_ref[:, pl.ds(c * qk_chunk, qk_chunk)].T,
+          _row_words(q_ref[:, pl.ds(4 * c * qk_chunk, 4 * qk_chunk)]), signed_a=True), axis=0)
+      s = dots if s is None else s + dots
     s = s.astype(jnp.float32) * q_scale[:, None] * res_k_scale_ref[...].astype(
         jnp.float32)[None, :]
     k_pos = n_packed * group + jnp.arange(group, dtype=jnp.int32)
@@ -307,13 +306,10 @@ def _decode_kernel(
     p_q, p_scale = common.quantize_rows(p * res_v_scale_ref[...].astype(jnp.float32)[None, :])
     p_words = _row_words(p_q, nonnegative=True)                        # [G/4, Mp, 1]
     width8 = min(res_words, 16)                                         # words per product
-    shape = (quads, rows, width8)
     accs = {}
     for c in range(res_words // width8):
       for k, words in enumerate(transposed_quads(res_v_ref, 0, pl.ds(c * width8, width8))):
-        pv = jnp.sum(dp4a(jnp.broadcast_to(words[:, None, :], shape),
-                          jnp.broadcast_to(p_words, shape), jnp.zeros(shape, jnp.int32),
-                          signed_a=True), axis=0)
+        pv = jnp.sum(dp4a_products(words, p_words, signed_a=True), axis=0)
         accs[4 * c * width8 + k] = pv.astype(jnp.float32) * p_scale[:, None]
     write(m, jnp.sum(p, axis=-1), accs)
 
