@@ -1,7 +1,7 @@
 """Registers and SASS of the Pallas Triton kernels, compiled here without a GPU.
 
     pip install triton   # Linux x86-64; brings its own ptxas and cuobjdump
-    PYTHONPATH=. python benchmarks/triton_sass.py decode --bits 4 --splits 8 --warps 4 --stages 3
+    PYTHONPATH=. python benchmarks/triton_sass.py decode --bits 4 --splits 8 [--warps 2 --stages 2]
     PYTHONPATH=. python benchmarks/triton_sass.py prefill
     PYTHONPATH=. python benchmarks/triton_sass.py quantize
 
