@@ -170,7 +170,7 @@ def _decode_kernel(
   head_dim = width * per_byte
   v_group = min(group, head_dim)
   chunk = min(n_words, v_group // 4)     # words of a part within one V group
-  quads = group // 4
+  n_quads = group // 4
   qk_chunk = min(n_words, qk_words)      # K words per dp4a product
 
   def dp4a_products(cols, row_words, acc=None, *, signed_a=False):
@@ -196,11 +196,11 @@ def _decode_kernel(
   q_pos = q_pos_ref[...]
   q_scale = q_scale_ref[...]
 
-  def transposed_quads(ref, tok, words):
-    """The words of tokens ``tok + 4i + b`` (b = 0..3), transposed: output
-    ``k``'s word ``[i, w]`` holds byte ``k`` of word ``w`` of those 4 tokens."""
-    four = [ref[pl.ds(tok + b, quads, stride=4), words] for b in range(4)]   # [G/4, w]
-    return _transpose_bytes(*four, interpret=interpret)
+  def quads(ref, tok, words):
+    """The words of tokens ``tok + 4i + b``, one ``[G/4, w]`` array per ``b``;
+    ``_transpose_bytes`` of them holds, in word ``[i, w]`` of output ``k``,
+    byte ``k`` of word ``w`` of tokens ``4i .. 4i + 3``."""
+    return [ref[pl.ds(tok + b, n_quads, stride=4), words] for b in range(4)]
 
   def write(m, l, accs):
     """Stores the normalized partial; ``accs``: ``{first channel: [Mp, w]}``
@@ -211,66 +211,85 @@ def _decode_kernel(
     m_ref[...] = m
     l_ref[...] = l
 
-  def logits(j, tok):
-    """``reference.packed_key_logits`` of tile ``j``: ``[Mp, G]`` f32.
+  # Q.K^T runs over ``qk_chunk`` words of each K row at a time (a whole row's
+  # products spill registers); ``pieces`` are those (bit field, word chunk)s.
+  pieces = [(part, c) for c in range(n_words // qk_chunk) for part in range(per_byte)]
+  channels = {key: pl.ds(key[0] * width + 4 * key[1] * qk_chunk, 4 * qk_chunk)
+              for key in pieces}
+  q_pieces = {key: q_ref[:, channels[key]].astype(jnp.float32) for key in pieces}
+
+  def load_tile(j):
+    """Every global load of packed tile ``j``, issued before its arithmetic:
+    a load placed after one of the layout conversions' barriers waits out the
+    memory latency on its own (9% of the kernel's time on H100; loading a
+    tile ahead instead spills registers and was slower)."""
+    tok = pl.multiple_of(j * group, group)
+    rows_ = pl.ds(tok, group)
+    return dict(
+        k_words=[k_words_ref[rows_, pl.ds(c * qk_chunk, qk_chunk)]
+                 for c in range(n_words // qk_chunk)],
+        k_scale2={key: k_scale2_ref[j, channels[key]] for key in pieces},
+        k_zero={key: k_zero_ref[j, channels[key]] for key in pieces},
+        k_scale=k_scale_ref[rows_],
+        v_quads=[quads(v_words_ref, tok, pl.ds(c * chunk, chunk))
+                 for c in range(n_words // chunk)],
+        v_scale=v_scale_ref[rows_],
+        v_scale2={g: v_scale2_ref[rows_, g] for g in v_groups},
+        v_zero={g: v_zero_ref[rows_, g] for g in v_groups},
+    )
+
+  def logits(x):
+    """``reference.packed_key_logits`` of a loaded tile: ``[Mp, G]`` f32.
 
     K's s2 is folded into the query (``reference.fold_key_scale2``) and ``q2``
-    packed four channels a word; the dp4a products run over ``qk_chunk`` words
-    of each K row at a time (a whole row's products spill registers)."""
-    pieces = [(part, c) for c in range(n_words // qk_chunk) for part in range(per_byte)]
-    channels = {key: pl.ds(key[0] * width + 4 * key[1] * qk_chunk, 4 * qk_chunk)
-                for key in pieces}
+    packed four channels a word."""
     q2, r = common.requantize_rows(
-        [q_ref[:, channels[key]].astype(jnp.float32)
-         * k_scale2_ref[j, channels[key]].astype(jnp.float32)[None, :] for key in pieces])
+        [q_pieces[key] * x["k_scale2"][key].astype(jnp.float32)[None, :] for key in pieces])
     s = corr = acc = None
     for (part, c), q2_piece in zip(pieces, q2):
-      k_words = k_words_ref[pl.ds(tok, group), pl.ds(c * qk_chunk, qk_chunk)]
-      acc = dp4a_products(_bit_field(k_words, part, bits).T, _row_words(q2_piece),
+      acc = dp4a_products(_bit_field(x["k_words"][c], part, bits).T, _row_words(q2_piece),
                           None if part == 0 else acc)
-      c_piece = common.zero_point_correction(q2_piece, k_zero_ref[j, channels[(part, c)]])
+      c_piece = common.zero_point_correction(q2_piece, x["k_zero"][(part, c)])
       corr = c_piece if corr is None else corr + c_piece
       if part == per_byte - 1:
         s_chunk = jnp.sum(acc, axis=0)
         s = s_chunk if s is None else s + s_chunk
     s = s.astype(jnp.float32) - corr[:, None]
-    return s * (r * q_scale)[:, None] * k_scale_ref[pl.ds(tok, group)].astype(
-        jnp.float32)[None, :]
+    return s * (r * q_scale)[:, None] * x["k_scale"].astype(jnp.float32)[None, :]
 
-  def weights(p, tok):
+  def weights(p, x):
     """Per V group: P times V's scales, quantized per row, packed 4 tokens a word."""
-    rows_ = pl.ds(tok, group)
-    v_scale = v_scale_ref[rows_].astype(jnp.float32)
+    v_scale = x["v_scale"].astype(jnp.float32)
     out = {}
     for g in v_groups:
       p_q, p_scale = common.quantize_rows(
-          p * (v_scale * v_scale2_ref[rows_, g].astype(jnp.float32))[None, :])
-      corr = common.zero_point_correction(p_q, v_zero_ref[rows_, g])
+          p * (v_scale * x["v_scale2"][g].astype(jnp.float32))[None, :])
+      corr = common.zero_point_correction(p_q, x["v_zero"][g])
       out[g] = (_row_words(p_q, nonnegative=True), p_scale, corr)    # [G/4, Mp, 1]
     return out
 
-  def values_times_weights(tok, weights_):
+  def values_times_weights(x, weights_):
     """``(p8 . codes - p8 . v_zero) * p_scale`` per chunk ``[Mp, chunk]``, in ``chunks`` order."""
     pvs = {}
-    for c in range(n_words // chunk):
+    for c, four in enumerate(x["v_quads"]):
       # Byte k of a word holds channels 4w + k of every part.
-      for k, words in enumerate(transposed_quads(v_words_ref, tok, pl.ds(c * chunk, chunk))):
+      for k, words in enumerate(_transpose_bytes(*four, interpret=interpret)):
         for part in range(per_byte):
           p8, p_scale, corr = weights_[channel0(part, c) // v_group]
           pv = jnp.sum(dp4a_products(_bit_field(words, part, bits), p8), axis=0)
           pvs[(k, part, c)] = (pv.astype(jnp.float32) - corr[:, None]) * p_scale[:, None]
     return [pvs[key] for key in chunks]
 
-  def tile(j, state):
+  def tile(j, x, state):
+    """One packed tile's online-softmax step on its loaded data ``x``."""
     m, l, accs = state
-    tok = pl.multiple_of(j * group, group)
-    s = logits(j, tok)
+    s = logits(x)
     # Causal mask: a packed token past a row's position only exists when
     # several new tokens are decoded at once.
-    keep = common.attention_mask(q_pos, tok + jnp.arange(group, dtype=jnp.int32),
+    keep = common.attention_mask(q_pos, j * group + jnp.arange(group, dtype=jnp.int32),
                                  causal=True, local_window=None)
     m_new, alpha, p = common.online_softmax_update(m, s, keep, sas)
-    pvs = values_times_weights(tok, weights(p, tok))
+    pvs = values_times_weights(x, weights(p, x))
     accs = tuple(acc * alpha[:, None] + pv for acc, pv in zip(accs, pvs))
     return m_new, l * alpha + jnp.sum(p, axis=-1), accs
 
@@ -282,7 +301,7 @@ def _decode_kernel(
     state = (jnp.full((rows,), common.MASKED_MAX, jnp.float32),
              jnp.zeros((rows,), jnp.float32),
              tuple(jnp.zeros((rows, chunk), jnp.float32) for _ in chunks))
-    m, l, accs = jax.lax.fori_loop(t0, t1, tile, state)
+    m, l, accs = jax.lax.fori_loop(t0, t1, lambda j, st: tile(j, load_tile(j), st), state)
     write(m, l, {channel0(part, c) + k: acc for (k, part, c), acc in zip(chunks, accs)})
 
   @pl.when(split == num_splits)
@@ -308,7 +327,8 @@ def _decode_kernel(
     width8 = min(res_words, 16)                                         # words per product
     accs = {}
     for c in range(res_words // width8):
-      for k, words in enumerate(transposed_quads(res_v_ref, 0, pl.ds(c * width8, width8))):
+      for k, words in enumerate(_transpose_bytes(
+          *quads(res_v_ref, 0, pl.ds(c * width8, width8)), interpret=interpret)):
         pv = jnp.sum(dp4a_products(words, p_words, signed_a=True), axis=0)
         accs[4 * c * width8 + k] = pv.astype(jnp.float32) * p_scale[:, None]
     write(m, jnp.sum(p, axis=-1), accs)
