@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import datetime
 import json
@@ -72,3 +73,25 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]):
       width = max(len(header), 9)
       cells.append(f"{'-':>{width}s}" if value is None else f"{value:>{width}{fmt}}")
     print("  ".join(cells))
+
+
+def device_kernel_times(fn, *args, trace_dir: str, top: int = 12) -> list[tuple[str, float, int]]:
+  """Runs ``fn(*args)`` once under ``jax.profiler.trace`` and returns the
+  ``top`` device kernels by total time: ``(name, total ms, launches)``.
+  Empty where the trace has no GPU stream (e.g. on CPU)."""
+  with jax.profiler.trace(trace_dir):
+    jax.block_until_ready(fn(*args))
+  totals = collections.defaultdict(lambda: [0.0, 0])
+  for path in pathlib.Path(trace_dir).rglob("*.xplane.pb"):
+    profile = jax.profiler.ProfileData.from_file(str(path))
+    for plane in profile.planes:
+      if not plane.name.startswith("/device:GPU"):
+        continue
+      for line in plane.lines:
+        if not line.name.startswith("Stream"):
+          continue
+        for event in line.events:
+          totals[event.name][0] += event.duration_ns / 1e6
+          totals[event.name][1] += 1
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+  return [(name, ms, n) for name, (ms, n) in ranked]

@@ -19,7 +19,8 @@ The caches are filled with ``--context`` random tokens of K/V per layer
 (synthetic prefill: the decode cost does not depend on the values), then a
 jitted ``lax.scan`` decodes ``--steps`` greedy tokens per run (state donated,
 one compile). After a warm-up run the median of ``--repeats`` runs gives
-ms/step; tokens/s = batch / (s/step). Prints a table, writes JSON to
+ms/step; tokens/s = batch / (s/step). ``--trace DIR`` profiles one more run
+per cache and prints its top GPU kernels. Prints a table, writes JSON to
 ``--out`` (default ``$OUT/serving.json`` or ``benchmarks/results/serving.json``)
 and a PNG next to it when matplotlib is installed.
 """
@@ -46,6 +47,8 @@ for p in (ROOT, ROOT / "examples"):
     sys.path.insert(0, str(p))
 
 from train_lm import ModelConfig, TransformerLM
+
+from benchmarks.common import device_kernel_times
 
 import turbojax
 from turbojax import QuantizedKVCache, TurboConfig
@@ -119,7 +122,8 @@ def _decode(graphdef, state, tok, steps: int):
   return state, tok
 
 
-def bench_mode(bench: BenchConfig, name: str, turbo: TurboConfig, kind: str, seed: int):
+def bench_mode(bench: BenchConfig, name: str, turbo: TurboConfig, kind: str, seed: int,
+               trace_dir: str | None = None):
   cfg = bench.model
   max_len = bench.context + (bench.repeats + 1) * bench.steps
   max_len = -(-max_len // turbo.group_size) * turbo.group_size
@@ -153,13 +157,23 @@ def bench_mode(bench: BenchConfig, name: str, turbo: TurboConfig, kind: str, see
     jax.block_until_ready(tok)
     times.append((time.perf_counter() - t0) / bench.steps)
   step_s = statistics.median(times)
+  kernels = []
+  if trace_dir:
+    run = functools.partial(_decode, graphdef, steps=bench.steps)
+    kernels = device_kernel_times(lambda s, t: run(s, t)[1], state, tok,
+                                  trace_dir=os.path.join(trace_dir, name.split(" ")[0]
+                                                         .replace("/", "_")))
+    for kernel, ms, n in kernels:
+      print(f"    {ms / bench.steps:8.3f} ms/step  {n // bench.steps:4d}/step  {kernel[:90]}")
   del state
   return {
       "mode": name, "kind": kind, "batch": int(batch), "max_len": max_len, "context": bench.context,
       "cache_bytes": int(nbytes), "cache_bytes_per_seq": int(per_seq),
       "bytes_per_token_per_layer": per_seq / (max_len * cfg.n_layers),
       "ms_per_step": step_s * 1e3, "ms_min": min(times) * 1e3, "ms_max": max(times) * 1e3,
-      "tokens_per_s": batch / step_s, "compile_s": compile_s, "fill_s": fill_s}
+      "tokens_per_s": batch / step_s, "compile_s": compile_s, "fill_s": fill_s,
+      "top_kernels_ms_per_step": [(k, ms / bench.steps, n // bench.steps)
+                                  for k, ms, n in kernels]}
 
 
 def plot(records, path: pathlib.Path):
@@ -195,6 +209,8 @@ def main(argv=None):
   parser.add_argument("--max-batch", type=int, default=None)
   parser.add_argument("--modes", default=None, help="comma-separated subset: bf16,int4,int4/int2")
   parser.add_argument("--out", default=None, help="JSON path")
+  parser.add_argument("--trace", default=None, metavar="DIR",
+                      help="profile one more run per cache; print its top GPU kernels")
   args = parser.parse_args(argv)
   bench = CONFIGS[args.config or ("smoke" if args.smoke else "large")]
   changes = {k: getattr(args, k) for k in ("budget_gib", "context", "steps", "repeats",
@@ -217,7 +233,7 @@ def main(argv=None):
   for name, turbo, kind in modes(bench.model.n_kv_heads):
     if wanted is not None and name.split(" ")[0] not in wanted:
       continue
-    rec = bench_mode(bench, name, turbo, kind, seed=0)
+    rec = bench_mode(bench, name, turbo, kind, seed=0, trace_dir=args.trace)
     records.append(rec)
     print(f"  {name:28s} batch {rec['batch']:5d}  {rec['ms_per_step']:8.2f} ms/step  "
           f"{rec['tokens_per_s']:10.1f} tok/s  ({rec['bytes_per_token_per_layer']:.0f} "

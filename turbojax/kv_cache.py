@@ -50,7 +50,7 @@ def _channel_group(head_dim: int, group_size: int) -> int:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=("segments", "residual", "k_mean", "head_perm", "lengths", "overflow",
+    data_fields=("segments", "residuals", "k_mean", "head_perm", "lengths", "overflow",
                  "calibrated"),
     meta_fields=("segment_bits", "segment_heads", "max_len", "head_dim", "config"))
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,8 @@ class QuantizedKVCache:
 
   Attributes:
     segments: one ``PackedKV`` per bit width, heads in slot order.
-    residual: the INT8 window ``ResidualKV`` ``[B, Hk, G, D]``.
+    residuals: the INT8 window, one ``ResidualKV`` ``[B, h, G, D]`` per
+      segment (its ``h`` heads), so a kernel reads a segment's window in place.
     k_mean: f32 ``[B, Hk, D]``, K's per-channel mean (smoothing), slot order.
     head_perm: int32 ``[Hk]``, the original head of each slot.
     lengths: int32 ``[B]``, tokens stored per sequence (ragged batches).
@@ -68,7 +69,7 @@ class QuantizedKVCache:
   """
 
   segments: tuple[PackedKV, ...]
-  residual: ResidualKV
+  residuals: tuple[ResidualKV, ...]
   k_mean: jax.Array
   head_perm: jax.Array
   lengths: jax.Array
@@ -110,13 +111,13 @@ class QuantizedKVCache:
           v_scale2=jnp.ones((batch, h, capacity, head_dim // cg), jnp.uint8),
           v_zero=jnp.zeros((batch, h, capacity, head_dim // cg), jnp.int8),
           v_scale=jnp.ones((batch, h, capacity), SCALE_DTYPE)))
-    residual = ResidualKV(
-        k=jnp.zeros((batch, num_kv_heads, g, head_dim), jnp.int8),
-        k_scale=jnp.ones((batch, num_kv_heads, g), SCALE_DTYPE),
-        v=jnp.zeros((batch, num_kv_heads, g, head_dim), jnp.int8),
-        v_scale=jnp.ones((batch, num_kv_heads, g), SCALE_DTYPE))
+    residuals = tuple(ResidualKV(
+        k=jnp.zeros((batch, h, g, head_dim), jnp.int8),
+        k_scale=jnp.ones((batch, h, g), SCALE_DTYPE),
+        v=jnp.zeros((batch, h, g, head_dim), jnp.int8),
+        v_scale=jnp.ones((batch, h, g), SCALE_DTYPE)) for _, h in layout)
     return cls(
-        segments=tuple(segments), residual=residual,
+        segments=tuple(segments), residuals=residuals,
         k_mean=jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32),
         head_perm=jnp.arange(num_kv_heads, dtype=jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32), overflow=jnp.zeros((batch,), jnp.bool_),
@@ -183,17 +184,20 @@ class QuantizedKVCache:
         v=jnp.swapaxes(v8.qvalue, 1, 2), v_scale=jnp.swapaxes(v8.scale[..., 0], 1, 2))
     kept = jnp.arange(l)[None, None, :] < n_kept[:, None, None]  # dropped tokens leave no trace
     new = ResidualKV(*(_clear_unused(x, kept) for x in new))
+    bounds = np.cumsum((0,) + self.segment_heads)
+    new = tuple(ResidualKV(*(x[:, lo:hi] for x in new))            # per segment
+                for lo, hi in zip(bounds[:-1], bounds[1:]))
     # Packing is the costly part; most single-token steps fill no group, and
     # then only the residual window changes (a batch-wide cond, not a select).
     fills = jnp.any(self.lengths % self.group_size + n_kept >= self.group_size)
-    segments, residual = jax.lax.cond(
+    segments, residuals = jax.lax.cond(
         fills,
-        lambda: jax.vmap(self._append_one)(self.segments, self.residual, new, self.lengths,
+        lambda: jax.vmap(self._append_one)(self.segments, self.residuals, new, self.lengths,
                                            n_kept),
         lambda: (self.segments, jax.vmap(self._append_to_window)(
-            self.residual, new, self.lengths)))
+            self.residuals, new, self.lengths)))
     return dataclasses.replace(
-        self, segments=segments, residual=residual, k_mean=k_mean, head_perm=perm,
+        self, segments=segments, residuals=residuals, k_mean=k_mean, head_perm=perm,
         lengths=self.lengths + n_kept, overflow=self.overflow | (n_kept < n),
         calibrated=jnp.ones((), jnp.bool_))
 
@@ -219,45 +223,44 @@ class QuantizedKVCache:
             f"{n.tolist()} exceed max_len={self.max_len}")
     return self.batch, ks[1]
 
-  def _append_to_window(self, residual, new, length):
-    """One sequence whose new tokens all fit in the residual window (no group fills)."""
-    span = self.group_size + new.k.shape[1]
-    merged = _merge_window(residual, new, length % self.group_size, span)
-    return ResidualKV(*(x[:, :self.group_size] for x in merged))
+  def _append_to_window(self, residuals, new, length):
+    """One sequence whose new tokens all fit in the residual window (no group
+    fills): written into their slots, in place when the cache is donated
+    (dropped tokens, already cleared, may land in unused slots or past the end)."""
+    slots = length % self.group_size + jnp.arange(new[0].k.shape[1])
+    return tuple(ResidualKV(*(x.at[:, slots].set(y, mode="drop") for x, y in zip(res, nw)))
+                 for res, nw in zip(residuals, new))
 
-  def _append_one(self, segments, residual, new, length, n):
+  def _append_one(self, segments, residuals, new, length, n):
     """One sequence: residual + new tokens -> packed full groups + new residual."""
     g = self.group_size
-    l = new.k.shape[1]
+    l = new[0].k.shape[1]
     span = g + (-(-l // g)) * g
     r = length % g
     first_group = length // g
 
-    buf = _merge_window(residual, new, r, span)
     n_groups = span // g
     full = (jnp.arange(n_groups) + 1) * g <= r + n
     group_idx = jnp.where(full, first_group + jnp.arange(n_groups), self.max_len // g)
     token_idx = (group_idx[:, None] * g + jnp.arange(g)).reshape(-1)
-    new_segments = []
-    start = 0
-    for seg, bits, h in zip(segments, self.segment_bits, self.segment_heads):
-      sl = slice(start, start + h)
-      start += h
-      packed = _pack_groups(buf.k[sl], buf.v[sl], bits, g, _channel_group(self.head_dim, g))
+    n_full = (r + n) // g
+    new_segments, new_residuals = [], []
+    for seg, res, seg_new, bits in zip(segments, residuals, new, self.segment_bits):
+      buf = _merge_window(res, seg_new, r, span)
+      packed = _pack_groups(buf.k, buf.v, bits, g, _channel_group(self.head_dim, g))
       k_codes, k_scale2, k_zero, v_codes, v_scale2, v_zero = packed
       new_segments.append(PackedKV(
           k_codes=seg.k_codes.at[:, token_idx].set(k_codes, mode="drop"),
           k_scale2=seg.k_scale2.at[:, group_idx].set(k_scale2, mode="drop"),
           k_zero=seg.k_zero.at[:, group_idx].set(k_zero, mode="drop"),
-          k_scale=seg.k_scale.at[:, token_idx].set(buf.k_scale[sl], mode="drop"),
+          k_scale=seg.k_scale.at[:, token_idx].set(buf.k_scale, mode="drop"),
           v_codes=seg.v_codes.at[:, token_idx].set(v_codes, mode="drop"),
           v_scale2=seg.v_scale2.at[:, token_idx].set(v_scale2, mode="drop"),
           v_zero=seg.v_zero.at[:, token_idx].set(v_zero, mode="drop"),
-          v_scale=seg.v_scale.at[:, token_idx].set(buf.v_scale[sl], mode="drop")))
-    n_full = (r + n) // g
-    new_residual = ResidualKV(
-        *(jax.lax.dynamic_slice_in_dim(x, n_full * g, g, axis=1) for x in buf))
-    return tuple(new_segments), new_residual
+          v_scale=seg.v_scale.at[:, token_idx].set(buf.v_scale, mode="drop")))
+      new_residuals.append(ResidualKV(
+          *(jax.lax.dynamic_slice_in_dim(x, n_full * g, g, axis=1) for x in buf)))
+    return tuple(new_segments), tuple(new_residuals)
 
   # --- checks -------------------------------------------------------------------------------
   def dequantize(self) -> tuple[jax.Array, jax.Array]:
@@ -271,7 +274,7 @@ class QuantizedKVCache:
       vs.append(unpack_values(seg, bits, g).astype(jnp.float32)
                 * seg.v_scale.astype(jnp.float32)[..., None])
     k_packed, v_packed = jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1)
-    res = self.residual
+    res = ResidualKV(*(jnp.concatenate(xs, axis=1) for xs in zip(*self.residuals)))
     k_res = res.k.astype(jnp.float32) * res.k_scale.astype(jnp.float32)[..., None]
     v_res = res.v.astype(jnp.float32) * res.v_scale.astype(jnp.float32)[..., None]
 

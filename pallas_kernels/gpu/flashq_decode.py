@@ -89,19 +89,22 @@ class BlockSizes:
   def get_default(cls, *, batch: int, num_kv_heads: int, head_dim: int,
                   capacity: int, group: int, bits: int,
                   device_kind: str | None = None) -> BlockSizes:
-    """Tuned sizes for this device (heuristic: about 16 programs per SM)."""
+    """Tuned sizes for this device. Splits: about ``num_programs`` programs
+    for an even load, each of at least ``min_split_tiles`` tiles unless that
+    leaves fewer than ``min_programs`` (the GPU's resident programs)."""
     if device_kind is None:
       device_kind = tuned_block_sizes.current_device_kind()
     entry = tuned_block_sizes.lookup(
         KERNEL_NAME, device_kind=device_kind, dtype=f"int{bits}", head_dim=head_dim,
         seq_len=capacity)
-    n_tiles = max(capacity // group, 1)
     if entry is None:
-      entry = dict(num_programs=16 * NUM_SMS_FALLBACK)
-    if "num_programs" in entry:
-      programs = entry.pop("num_programs")
-      entry["num_splits"] = -(-programs // max(batch * num_kv_heads, 1))
-    entry["num_splits"] = max(1, min(entry["num_splits"], n_tiles))
+      entry = dict(num_programs=64 * NUM_SMS_FALLBACK, min_split_tiles=16,
+                   min_programs=8 * NUM_SMS_FALLBACK)
+    heads = max(batch * num_kv_heads, 1)
+    n_tiles = max(capacity // group, 1)
+    splits = -(-entry.pop("num_programs") // heads)
+    cap = max(n_tiles // entry.pop("min_split_tiles"), -(-entry.pop("min_programs") // heads))
+    entry["num_splits"] = max(1, min(splits, cap, n_tiles))
     return cls(**entry)
 
 

@@ -68,5 +68,5 @@ def _cache_specs(cache: QuantizedKVCache, batch_axes):
   per_seq = P(batch_axes)
   return dataclasses.replace(
       cache, segments=jax.tree_util.tree_map(lambda _: per_seq, cache.segments),
-      residual=jax.tree_util.tree_map(lambda _: per_seq, cache.residual), k_mean=per_seq,
+      residuals=jax.tree_util.tree_map(lambda _: per_seq, cache.residuals), k_mean=per_seq,
       head_perm=P(), lengths=per_seq, overflow=per_seq, calibrated=P())

@@ -7,7 +7,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.reference import ResidualKV
 from turbojax.attention.base import Call
 from turbojax.config import TurboConfig
 from turbojax.kv_cache import QuantizedKVCache
@@ -139,10 +138,10 @@ def decode_with(kernel, query, cache: QuantizedKVCache, call: Call, sas=None):
   q_pos = jnp.tile(q_pos, (1, g))
   outs = []
   start = 0
-  for seg, bits, h in zip(cache.segments, cache.segment_bits, cache.segment_heads):
+  for seg, residual, bits, h in zip(cache.segments, cache.residuals, cache.segment_bits,
+                                    cache.segment_heads):
     sl = slice(start, start + h)
     start += h
-    residual = ResidualKV(*(x[:, sl] for x in cache.residual))
     outs.append(kernel(rows[:, sl], q_scale[:, sl], q_pos, seg, residual, cache.lengths,
                        bits=bits, group=cache.group_size,
                        sas=call.config.sas_params() if sas is None else sas))
