@@ -23,9 +23,9 @@ MAX_BUCKET = 1 << 17
 H100_SXM = "NVIDIA H100 80GB HBM3"
 
 # (kernel, device_kind, dtype, head_dim, seq_bucket) -> BlockSizes fields.
-# Decode entries give ``num_programs`` (the grid size to aim for),
-# ``min_split_tiles`` and ``min_programs``; the kernel turns them into splits
-# per (batch, KV head).
+# Decode entries give ``resident_programs`` (programs the GPU runs at once) and
+# ``program_overhead_tiles``; the kernel turns them into splits per (batch, KV
+# head).
 TUNED_BLOCK_SIZES: dict[tuple[str, str, str, int, int], dict[str, Any]] = {
     # benchmarks/kernels_gpu.py --sweep/--final, B2 T4096 H32 D128 (2026-11-23):
     # 64x64 tiles, 4 warps, 3 stages beat 128-row tiles (8 warps) and 128-key
@@ -39,19 +39,17 @@ TUNED_BLOCK_SIZES: dict[tuple[str, str, str, int, int], dict[str, Any]] = {
     ("mosaic_gpu_flashq_prefill", H100_SXM, "int8", 128, 4096): dict(
         p_rounding="nearest_even"),
     # B32 T8192 Hq32 Hkv8 D128 (kernels_gpu.py --sweep, 2026-11-23, session 3,
-    # dp4a kernel): 8 splits x 256 heads, 1 warp, 4 K words per Q.K product:
-    # 0.213 ms for the whole call; 4 and 16 splits within 2%; qk_words 2 / 8
-    # 10% / 20% slower; 2 warps 7% slower. Serving shapes (session 4, 2176-token
-    # cache, 1-16 splits): B834 x 4 heads best at 2 splits (3.6% faster than 1),
-    # B1064 x 2 heads at 4 (12% INT4, 19% INT2; 2 splits within 4%): aim for
-    # ~8k programs of at least 16 tiles each, unless that leaves fewer programs
-    # than fit on the GPU at once (132 SMs x 8 programs of 220 registers).
+    # dp4a kernel): 1 warp, 4 K words per Q.K product; qk_words 2 / 8 10% / 20%
+    # slower; 2 warps 7% slower. Splits follow a wave model (``get_default``)
+    # with 132 SMs x 8 resident programs and 2 tiles of overhead per program,
+    # which matches every split count measured (B32 x 8 or 4 heads, 8k cache;
+    # B834 x 4 and B1064 x 2 heads, 2176-token cache; gpu_notes.md, session 4).
     ("flashq_decode", H100_SXM, "int4", 128, 8192): dict(
-        num_programs=8192, min_split_tiles=16, min_programs=1056, num_warps=1,
-        num_stages=1, qk_words=4),
+        resident_programs=1056, program_overhead_tiles=2, num_warps=1, num_stages=1,
+        qk_words=4),
     ("flashq_decode", H100_SXM, "int2", 128, 8192): dict(
-        num_programs=8192, min_split_tiles=16, min_programs=1056, num_warps=1,
-        num_stages=1, qk_words=4),
+        resident_programs=1056, program_overhead_tiles=2, num_warps=1, num_stages=1,
+        qk_words=4),
 }
 
 

@@ -89,22 +89,23 @@ class BlockSizes:
   def get_default(cls, *, batch: int, num_kv_heads: int, head_dim: int,
                   capacity: int, group: int, bits: int,
                   device_kind: str | None = None) -> BlockSizes:
-    """Tuned sizes for this device. Splits: about ``num_programs`` programs
-    for an even load, each of at least ``min_split_tiles`` tiles unless that
-    leaves fewer than ``min_programs`` (the GPU's resident programs)."""
+    """Tuned sizes for this device. Splits minimize a wave model of the
+    grid: ``ceil(programs / resident_programs)`` waves, each as long as one
+    program's tiles plus ``program_overhead_tiles`` (ties: fewer splits)."""
     if device_kind is None:
       device_kind = tuned_block_sizes.current_device_kind()
     entry = tuned_block_sizes.lookup(
         KERNEL_NAME, device_kind=device_kind, dtype=f"int{bits}", head_dim=head_dim,
         seq_len=capacity)
     if entry is None:
-      entry = dict(num_programs=64 * NUM_SMS_FALLBACK, min_split_tiles=16,
-                   min_programs=8 * NUM_SMS_FALLBACK)
+      entry = dict(resident_programs=8 * NUM_SMS_FALLBACK, program_overhead_tiles=2)
+    resident, overhead = entry.pop("resident_programs"), entry.pop("program_overhead_tiles")
     heads = max(batch * num_kv_heads, 1)
     n_tiles = max(capacity // group, 1)
-    splits = -(-entry.pop("num_programs") // heads)
-    cap = max(n_tiles // entry.pop("min_split_tiles"), -(-entry.pop("min_programs") // heads))
-    entry["num_splits"] = max(1, min(splits, cap, n_tiles))
+
+    def cost(splits):
+      return -(-heads * splits // resident) * (-(-n_tiles // splits) + overhead)
+    entry["num_splits"] = min(range(1, n_tiles + 1), key=cost)
     return cls(**entry)
 
 
