@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import compat
-from pallas_kernels import reference
+from pallas_kernels import reference, tuned_block_sizes
 from pallas_kernels.gpu import flashq_decode as fd
 from pallas_kernels.gpu import flashq_prefill as fp
 from pallas_kernels.gpu import quantize as qz
@@ -415,6 +415,21 @@ def test_decode_lowers_for_cuda(head_dim, bits):
   f = functools.partial(fd.flashq_decode, bits=bits, group=g, sas=SAS_BF16)
   _export_cuda(f, S((b, h, m, head_dim), jnp.int8), S((b, h, m), jnp.float32),
                S((b, m), jnp.int32), packed, residual, S((b,), jnp.int32))
+
+
+@pytest.mark.parametrize("batch, kv_heads, capacity, splits", [
+    (32, 8, 8192, 4),      # 1024 programs: one wave
+    (32, 4, 8192, 8),      # 9 splits would need a second wave for 96 programs
+    (834, 4, 2176, 2),     # the serving shapes' measured best (within 4%)
+    (1064, 2, 2176, 2),
+    (1, 8, 8192, 128),     # batch 1: one tile per program fills the GPU
+])
+def test_decode_default_splits_follow_the_wave_model(batch, kv_heads, capacity, splits):
+  """The H100 defaults reproduce the split counts measured best (gpu_notes.md)."""
+  bs = fd.BlockSizes.get_default(batch=batch, num_kv_heads=kv_heads, head_dim=128,
+                                 capacity=capacity, group=64, bits=4,
+                                 device_kind=tuned_block_sizes.H100_SXM)
+  assert bs.num_splits == splits
 
 
 def test_decode_names_the_misshapen_cache_array():
