@@ -159,8 +159,8 @@ def bench_mode(bench: BenchConfig, name: str, turbo: TurboConfig, kind: str, see
   step_s = statistics.median(times)
   kernels = []
   if trace_dir:
-    run = functools.partial(_decode, graphdef, steps=bench.steps)
-    kernels = device_kernel_times(lambda s, t: run(s, t)[1], state, tok,
+    kernels = device_kernel_times(lambda s, t: _decode(graphdef, s, t, bench.steps)[1],
+                                  state, tok,
                                   trace_dir=os.path.join(trace_dir, name.split(" ")[0]
                                                          .replace("/", "_")))
     for kernel, ms, n in kernels:

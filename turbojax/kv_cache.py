@@ -143,6 +143,12 @@ class QuantizedKVCache:
     """Bytes of every array: codes, scales, zero points, residual, lengths, flags."""
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
 
+  @property
+  def segment_slices(self) -> tuple[slice, ...]:
+    """Each segment's KV-head slots (the slot order of ``head_perm``)."""
+    bounds = np.cumsum((0,) + self.segment_heads).tolist()
+    return tuple(slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]))
+
   def head_bits(self) -> jax.Array:
     """Bits per original KV head, int32 ``[Hk]``."""
     slot_bits = np.repeat(self.segment_bits, self.segment_heads)
@@ -184,9 +190,7 @@ class QuantizedKVCache:
         v=jnp.swapaxes(v8.qvalue, 1, 2), v_scale=jnp.swapaxes(v8.scale[..., 0], 1, 2))
     kept = jnp.arange(l)[None, None, :] < n_kept[:, None, None]  # dropped tokens leave no trace
     new = ResidualKV(*(_clear_unused(x, kept) for x in new))
-    bounds = np.cumsum((0,) + self.segment_heads)
-    new = tuple(ResidualKV(*(x[:, lo:hi] for x in new))            # per segment
-                for lo, hi in zip(bounds[:-1], bounds[1:]))
+    new = tuple(ResidualKV(*(x[:, sl] for x in new)) for sl in self.segment_slices)
     # Packing is the costly part; most single-token steps fill no group, and
     # then only the residual window changes (a batch-wide cond, not a select).
     fills = jnp.any(self.lengths % self.group_size + n_kept >= self.group_size)

@@ -420,8 +420,8 @@ def test_decode_lowers_for_cuda(head_dim, bits):
 @pytest.mark.parametrize("batch, kv_heads, capacity, splits", [
     (32, 8, 8192, 4),      # 1024 programs: one wave
     (32, 4, 8192, 8),      # 9 splits would need a second wave for 96 programs
-    (834, 4, 2176, 2),     # the serving shapes' measured best (within 4%)
-    (1064, 2, 2176, 2),
+    (834, 4, 2176, 2),     # serving shapes: the measured best,
+    (1064, 2, 2176, 2),    # and within 4% of it (4 splits)
     (1, 8, 8192, 128),     # batch 1: one tile per program fills the GPU
 ])
 def test_decode_default_splits_follow_the_wave_model(batch, kv_heads, capacity, splits):

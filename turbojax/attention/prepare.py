@@ -137,11 +137,8 @@ def decode_with(kernel, query, cache: QuantizedKVCache, call: Call, sas=None):
   q_pos = cache.lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)
   q_pos = jnp.tile(q_pos, (1, g))
   outs = []
-  start = 0
-  for seg, residual, bits, h in zip(cache.segments, cache.residuals, cache.segment_bits,
-                                    cache.segment_heads):
-    sl = slice(start, start + h)
-    start += h
+  for seg, residual, bits, sl in zip(cache.segments, cache.residuals, cache.segment_bits,
+                                     cache.segment_slices):
     outs.append(kernel(rows[:, sl], q_scale[:, sl], q_pos, seg, residual, cache.lengths,
                        bits=bits, group=cache.group_size,
                        sas=call.config.sas_params() if sas is None else sas))
