@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/triton_sass.py decode --bits 4 --splits 8 [--warps 2 --stages 2]
     PYTHONPATH=. python benchmarks/triton_sass.py prefill
     PYTHONPATH=. python benchmarks/triton_sass.py quantize
+    PYTHONPATH=. python benchmarks/triton_sass.py append --bits 4   # one-token cache update
 
 Pallas prints the Triton IR it emits when a kernel is traced with
 ``debug=True``; this script exports the kernel for CUDA (``jax.export``, no GPU
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import compat, reference
+from pallas_kernels.gpu import append_token as at
 from pallas_kernels.gpu import flashq_decode as fd
 from pallas_kernels.gpu import flashq_prefill as fp
 from pallas_kernels.gpu import quantize as qz
@@ -119,7 +121,17 @@ def quantize_case(args):
   return fn, (x, x, x)
 
 
-CASES = {"decode": decode_case, "prefill": prefill_case, "quantize": quantize_case}
+def append_case(args):
+  b, h, t, d, bits, g = 834, 4, 2176, args.head_dim, args.bits, 64
+  packed, window = reference.cache_specs(b, h, t, d, bits=bits, group=g)
+  token = reference.ResidualKV(S((b, h, 1, d), jnp.int8), S((b, h, 1), jnp.bfloat16),
+                               S((b, h, 1, d), jnp.int8), S((b, h, 1), jnp.bfloat16))
+  fn = functools.partial(at.append_token, bits=bits, group=g, debug=True)
+  return fn, (packed, window, token, S((b,), jnp.int32), S((b,), jnp.int32))
+
+
+CASES = {"decode": decode_case, "prefill": prefill_case, "quantize": quantize_case,
+         "append": append_case}
 
 
 def main(argv=None):

@@ -1,4 +1,9 @@
-"""Bit packing of INT4/INT2 codes, shared by the quant library and the kernels.
+"""Stage 2 and bit packing of INT4/INT2 codes, shared by the quant library and
+the kernels.
+
+Stage 2 is integer only: from INT8 codes, a group gets the integer scale
+``s2 = (hi - lo) // (2**bits - 1) + 1`` and zero point ``z = -round(lo / s2)``,
+and ``code = clip(round(q / s2) + z, 0, 2**bits - 1)`` (rounding half up).
 
 Codes are unsigned (``0 <= code < 2**bits``) and packed along the last axis in a
 *split* layout: byte ``j`` of a row of ``n`` codes holds codes ``j``,
@@ -47,3 +52,35 @@ def unpack(packed: jax.Array, bits: int) -> jax.Array:
   """Inverse of ``pack``: uint8 codes with ``codes_per_byte(bits)`` times the last axis."""
   parts = [unpack_part(packed, p, bits) for p in range(codes_per_byte(bits))]
   return jnp.concatenate(parts, axis=-1)
+
+
+STAGE2_DIV_RANGE = 255  # _floor_div_round is exact for |a| <= 255 and 1 <= b <= 255
+
+
+def _floor_div_round(a, b):
+  """``round_half_up(a / b)`` = ``(2a + b) // 2b`` for int32 ``|a| <= 255`` and
+  ``1 <= b <= 255`` (stage 2's codes and scales), in f32: a quotient that is
+  not an integer lies at least ``1 / 2b`` below the next one, the f32 error
+  (even with a 2-ulp reciprocal) is below ``2**-15``, so
+  ``floor((2a + b + 1/2) / 2b)`` is exact (tested over the whole range); on a
+  GPU that is a few instructions where an integer division takes dozens."""
+  n = (2 * a + b).astype(jnp.float32) + 0.5
+  return jnp.floor(n * (1.0 / (2 * b).astype(jnp.float32))).astype(jnp.int32)
+
+
+def stage2_params(q8: jax.Array, bits: int, axis: int):
+  """Integer scale (uint8) and zero point (int8) of INT8 codes reduced over ``axis``."""
+  levels = (1 << bits) - 1
+  x = q8.astype(jnp.int32)
+  lo = jnp.min(x, axis=axis, keepdims=True)
+  hi = jnp.max(x, axis=axis, keepdims=True)
+  scale2 = (hi - lo) // levels + 1
+  zero = -_floor_div_round(lo, scale2)
+  return scale2.astype(jnp.uint8), zero.astype(jnp.int8)
+
+
+def stage2_encode(q8: jax.Array, scale2: jax.Array, zero: jax.Array, bits: int):
+  """Unsigned ``bits``-bit codes of INT8 values (broadcast params), integer only."""
+  levels = (1 << bits) - 1
+  code = _floor_div_round(q8.astype(jnp.int32), scale2.astype(jnp.int32)) + zero.astype(jnp.int32)
+  return jnp.clip(code, 0, levels).astype(jnp.uint8)

@@ -32,6 +32,16 @@ def test_pack_unpack_bit_exact(data, bits):
   np.testing.assert_array_equal(np.asarray(quant.unpack(packed, bits)), codes)
 
 
+def test_stage2_rounding_division_is_exact_over_its_whole_range():
+  """``packing._floor_div_round`` (f32) against integer floor division."""
+  from pallas_kernels import packing
+  r = packing.STAGE2_DIV_RANGE
+  a = np.arange(-r, r + 1, dtype=np.int32)[:, None]
+  b = np.arange(1, r + 1, dtype=np.int32)[None, :]
+  got = jax.jit(packing._floor_div_round)(jnp.asarray(a), jnp.asarray(b))
+  np.testing.assert_array_equal(np.asarray(got), (2 * a + b) // (2 * b))
+
+
 @given(arr=int8_arrays(), bits=st.sampled_from([2, 4]))
 def test_stage2_is_exact_integer_arithmetic_within_half_a_step(arr, bits):
   q8, group = arr

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common, packing
+from pallas_kernels.packing import stage2_encode, stage2_params
 from turbojax.quant.qarray import PQArray, QArray, expand_scale
 
 INT8_MAX = 127
@@ -95,29 +96,6 @@ def quantize_int8_sym(x: jax.Array, *, channelwise_axes: Sequence[int] = (),
   full = expand_scale(scale.astype(jnp.float32), tiles, x.shape)
   q = jnp.clip(common.round_half_up(x32 / full), -INT8_MAX, INT8_MAX)
   return QArray(q.astype(jnp.int8), scale, None, tiles, jnp.dtype(x.dtype).name)
-
-
-def _floor_div_round(a, b):
-  """``round_half_up(a / b)`` for integer ``a`` and positive integer ``b``."""
-  return jnp.floor_divide(2 * a + b, 2 * b)
-
-
-def stage2_params(q8: jax.Array, bits: int, axis: int):
-  """Integer scale (uint8) and zero point (int8) of INT8 codes reduced over ``axis``."""
-  levels = (1 << bits) - 1
-  x = q8.astype(jnp.int32)
-  lo = jnp.min(x, axis=axis, keepdims=True)
-  hi = jnp.max(x, axis=axis, keepdims=True)
-  scale2 = (hi - lo) // levels + 1
-  zero = -_floor_div_round(lo, scale2)
-  return scale2.astype(jnp.uint8), zero.astype(jnp.int8)
-
-
-def stage2_encode(q8: jax.Array, scale2: jax.Array, zero: jax.Array, bits: int):
-  """Unsigned ``bits``-bit codes of INT8 values (broadcast params), integer only."""
-  levels = (1 << bits) - 1
-  code = _floor_div_round(q8.astype(jnp.int32), scale2.astype(jnp.int32)) + zero.astype(jnp.int32)
-  return jnp.clip(code, 0, levels).astype(jnp.uint8)
 
 
 def _group(x, axis, group):
