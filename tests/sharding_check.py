@@ -32,3 +32,16 @@ with jax.set_mesh(mesh):
   assert MANUAL in jax.jit(turbojax.decode_attention).lower(q[:, -1:], cache).as_text()
 np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-6)
 print("decode sharded == unsharded")
+
+# A one-token update packs a group (63 cached + 1) with the append_token kernel
+# (interpreted here), mapped over the batch shards.
+cache = turbojax.QuantizedKVCache.init(4, 128, 4, 64, turbojax.TurboConfig(interpret=True))
+cache = cache.update(k[:, :63], v[:, :63])
+step = jax.jit(lambda c, k, v: c.update(k, v))
+single = step(cache, k[:, 63:64], v[:, 63:64])
+with jax.set_mesh(mesh):
+  sharded = step(cache, k[:, 63:64], v[:, 63:64])
+  assert MANUAL in step.lower(cache, k[:, 63:64], v[:, 63:64]).as_text()
+for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded)):
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("update sharded == unsharded")

@@ -17,3 +17,4 @@ def test_sharded_equals_unsharded_on_8_devices():
   assert result.returncode == 0, result.stderr[-4000:]
   assert "prefill sharded == unsharded" in result.stdout
   assert "decode sharded == unsharded" in result.stdout
+  assert "update sharded == unsharded" in result.stdout

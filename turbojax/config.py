@@ -37,7 +37,8 @@ class TurboConfig:
     int2_heads: the number of lowest-priority KV heads stored at 2 bits.
     group_size: tokens per K group and channels per V group of the packed
       cache; the INT8 residual window holds up to ``group_size - 1`` tokens.
-    interpret: run Pallas backends in interpret mode (numerics on CPU).
+    interpret: run Pallas backends in interpret mode (numerics on CPU), and
+      ``QuantizedKVCache``'s one-token update with its GPU kernel interpreted.
     batch_axes, head_axes: names of the axes of a mesh set with
       ``jax.set_mesh`` over which the kernels are ``shard_map``-ped (batch and
       heads); names the mesh lacks are ignored.

@@ -24,10 +24,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import packing
+from pallas_kernels.gpu import append_token
 from pallas_kernels.reference import PackedKV, ResidualKV, unpack_keys, unpack_values
 from turbojax import _validation as v
+from turbojax.attention import sharding
 from turbojax.config import TurboConfig
 from turbojax.quant import quantize as Q
 
@@ -144,6 +147,11 @@ class QuantizedKVCache:
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
 
   @property
+  def mixed(self) -> bool:
+    """Whether heads store different bit widths (else ``head_perm`` stays the identity)."""
+    return len(self.segment_bits) > 1
+
+  @property
   def segment_slices(self) -> tuple[slice, ...]:
     """Each segment's KV-head slots (the slot order of ``head_perm``)."""
     bounds = np.cumsum((0,) + self.segment_heads).tolist()
@@ -167,14 +175,13 @@ class QuantizedKVCache:
 
     # Head order and smoothing mean: fixed by the first update (the prefill).
     n2 = sum(h for bits, h in zip(self.segment_bits, self.segment_heads) if bits == 2)
-    if len(self.segment_bits) > 1:
+    key, value = key.astype(jnp.float32), value.astype(jnp.float32)
+    perm = self.head_perm
+    if self.mixed:
       bits = Q.assign_head_bits(Q.head_priority(key, lengths=n_kept), n2,
                                 high_bits=self.segment_bits[0])
       perm = jnp.where(self.calibrated, self.head_perm, Q.head_order(bits))
-    else:
-      perm = self.head_perm
-    key = jnp.take(key.astype(jnp.float32), perm, axis=2)
-    value = jnp.take(value.astype(jnp.float32), perm, axis=2)
+      key, value = jnp.take(key, perm, axis=2), jnp.take(value, perm, axis=2)
     valid = (jnp.arange(l)[None, :] < n_kept[:, None])[:, :, None, None]
     if config.smooth_k:
       new_mean = jnp.sum(jnp.where(valid, key, 0.0), axis=1) / jnp.maximum(n_kept, 1)[:, None, None]
@@ -191,15 +198,27 @@ class QuantizedKVCache:
     kept = jnp.arange(l)[None, None, :] < n_kept[:, None, None]  # dropped tokens leave no trace
     new = ResidualKV(*(_clear_unused(x, kept) for x in new))
     new = tuple(ResidualKV(*(x[:, sl] for x in new)) for sl in self.segment_slices)
-    # Packing is the costly part; most single-token steps fill no group, and
-    # then only the residual window changes (a batch-wide cond, not a select).
-    fills = jnp.any(self.lengths % self.group_size + n_kept >= self.group_size)
-    segments, residuals = jax.lax.cond(
-        fills,
-        lambda: jax.vmap(self._append_one)(self.segments, self.residuals, new, self.lengths,
-                                           n_kept),
-        lambda: (self.segments, jax.vmap(self._append_to_window)(
-            self.residuals, new, self.lengths)))
+
+    def with_cond():
+      # Packing is the costly part; most single-token steps fill no group, and
+      # then only the residual window changes (a batch-wide cond, not a select).
+      fills = jnp.any(self.lengths % self.group_size + n_kept >= self.group_size)
+      return jax.lax.cond(
+          fills,
+          lambda: jax.vmap(self._append_one)(self.segments, self.residuals, new, self.lengths,
+                                             n_kept),
+          lambda: (self.segments, jax.vmap(self._append_to_window)(
+              self.residuals, new, self.lengths)))
+
+    if l == 1 and append_token.supports(head_dim=self.head_dim, group=self.group_size):
+      # A decoding step: on GPU a kernel decides per sequence (no host sync).
+      # ``config.interpret`` runs that kernel interpreted on other platforms.
+      segments, residuals = jax.lax.platform_dependent(
+          cuda=lambda: self._append_token(new, n_kept),
+          default=(lambda: self._append_token(new, n_kept, interpret=True))
+          if config.interpret else with_cond)
+    else:
+      segments, residuals = with_cond()
     return dataclasses.replace(
         self, segments=segments, residuals=residuals, k_mean=k_mean, head_perm=perm,
         lengths=self.lengths + n_kept, overflow=self.overflow | (n_kept < n),
@@ -227,12 +246,33 @@ class QuantizedKVCache:
             f"{n.tolist()} exceed max_len={self.max_len}")
     return self.batch, ks[1]
 
+  def _append_token(self, new, n_kept, *, interpret: bool = False):
+    """One token per sequence with ``pallas_kernels.gpu.append_token``: the
+    same packed groups as ``_append_one`` (unused window slots keep stale
+    tokens instead of being reset; nothing reads them)."""
+    def run(segments, residuals, new, lengths, n_kept):
+      out = [append_token.append_token(seg, res, nw, lengths, n_kept, bits=bits,
+                                       group=self.group_size, interpret=interpret)
+             for seg, res, nw, bits in zip(segments, residuals, new, self.segment_bits)]
+      return tuple(s for s, _ in out), tuple(r for _, r in out)
+
+    args = (self.segments, self.residuals, new, self.lengths, n_kept)
+    axes = sharding.mesh_axes(self.config)
+    if axes is not None and axes[1]:  # a kernel is not partitioned by XLA: map it over batch
+      mesh, batch_axes, _ = axes
+      sharding.check_divisible(mesh, batch_axes, (), self.batch, {})
+      specs = jax.tree_util.tree_map(lambda _: P(batch_axes), args)
+      run = sharding.shard(run, mesh, specs, specs[:2])
+    return run(*args)
+
   def _append_to_window(self, residuals, new, length):
     """One sequence whose new tokens all fit in the residual window (no group
     fills): written into their slots, in place when the cache is donated
     (dropped tokens, already cleared, may land in unused slots or past the end)."""
     slots = length % self.group_size + jnp.arange(new[0].k.shape[1])
-    return tuple(ResidualKV(*(x.at[:, slots].set(y, mode="drop") for x, y in zip(res, nw)))
+    def put(x, y):  # distinct, ascending slots: a plain store, no atomics
+      return x.at[:, slots].set(y, mode="drop", unique_indices=True, indices_are_sorted=True)
+    return tuple(ResidualKV(*(put(x, y) for x, y in zip(res, nw)))
                  for res, nw in zip(residuals, new))
 
   def _append_one(self, segments, residuals, new, length, n):

@@ -129,7 +129,8 @@ def decode_with(kernel, query, cache: QuantizedKVCache, call: Call, sas=None):
   hk = cache.num_kv_heads
   g = hq // hk
   q = query.astype(jnp.float32).reshape(b, tq, hk, g, d)
-  q = jnp.take(q, cache.head_perm, axis=2)
+  if cache.mixed:
+    q = jnp.take(q, cache.head_perm, axis=2)
   q8 = quantize_int8_sym(q, channelwise_axes=(0, 1, 2, 3))
   rows = jnp.transpose(q8.qvalue, (0, 2, 3, 1, 4)).reshape(b, hk, g * tq, d)
   q_scale = jnp.transpose(q8.scale[..., 0], (0, 2, 3, 1)).reshape(b, hk, g * tq)
@@ -143,5 +144,6 @@ def decode_with(kernel, query, cache: QuantizedKVCache, call: Call, sas=None):
                        bits=bits, group=cache.group_size,
                        sas=call.config.sas_params() if sas is None else sas))
   out = jnp.concatenate(outs, axis=1).reshape(b, hk, g, tq, d)
-  out = jnp.take(out, jnp.argsort(cache.head_perm), axis=1)
+  if cache.mixed:
+    out = jnp.take(out, jnp.argsort(cache.head_perm), axis=1)
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, tq, hq, d)
