@@ -17,8 +17,9 @@ codes, scales, zero points, INT8 window, lengths):
 
 The caches are filled with ``--context`` random tokens of K/V per layer
 (synthetic prefill: the decode cost does not depend on the values), then a
-jitted ``lax.scan`` decodes ``--steps`` greedy tokens per run (state donated,
-one compile). After a warm-up run the median of ``--repeats`` runs gives
+jitted ``lax.scan`` decodes ``--steps`` greedy tokens per run
+(``train_lm.greedy_steps``: the caches carried and donated, the weights loop
+invariants; one compile). After a warm-up run the median of ``--repeats`` runs gives
 ms/step; tokens/s = batch / (s/step). ``--trace DIR`` profiles one more run
 per cache and prints its top GPU kernels. Prints a table, writes JSON to
 ``--out`` (default ``$OUT/serving.json`` or ``benchmarks/results/serving.json``)
@@ -46,7 +47,7 @@ for p in (ROOT, ROOT / "examples"):
   if str(p) not in sys.path:
     sys.path.insert(0, str(p))
 
-from train_lm import ModelConfig, TransformerLM
+from train_lm import ModelConfig, TransformerLM, greedy_steps, split_caches
 
 from benchmarks.common import device_kernel_times
 
@@ -111,17 +112,6 @@ def _fill(cache, key, context: int, chunk: int):
   return jax.lax.fori_loop(0, context // chunk, body, cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=1)
-def _decode(graphdef, state, tok, steps: int):
-  def body(carry, _):
-    state, tok = carry
-    m = nnx.merge(graphdef, state)
-    nxt = jnp.argmax(m(tok[:, None], decode=True)[:, 0], axis=-1).astype(jnp.int32)
-    return (nnx.state(m), nxt), None
-  (state, tok), _ = jax.lax.scan(body, (state, tok), None, length=steps)
-  return state, tok
-
-
 def bench_mode(bench: BenchConfig, name: str, turbo: TurboConfig, kind: str, seed: int,
                trace_dir: str | None = None):
   cfg = bench.model
@@ -144,28 +134,33 @@ def bench_mode(bench: BenchConfig, name: str, turbo: TurboConfig, kind: str, see
   fill_s = time.perf_counter() - t0
   nbytes = model.cache_nbytes()
 
-  graphdef, state = nnx.split(model)
+  graphdef, caches, rest = split_caches(model)
+  del model  # its caches are donated to the decoding loop
+
+  def run(caches, tok):
+    caches, _, tok = greedy_steps(graphdef, caches, rest, tok, bench.steps)
+    return caches, tok
+
   tok = jnp.zeros((batch,), jnp.int32)
   t0 = time.perf_counter()
-  state, tok = _decode(graphdef, state, tok, bench.steps)
+  caches, tok = run(caches, tok)
   jax.block_until_ready(tok)
   compile_s = time.perf_counter() - t0
   times = []
   for _ in range(bench.repeats):
     t0 = time.perf_counter()
-    state, tok = _decode(graphdef, state, tok, bench.steps)
+    caches, tok = run(caches, tok)
     jax.block_until_ready(tok)
     times.append((time.perf_counter() - t0) / bench.steps)
   step_s = statistics.median(times)
   kernels = []
   if trace_dir:
-    kernels = device_kernel_times(lambda s, t: _decode(graphdef, s, t, bench.steps)[1],
-                                  state, tok,
+    kernels = device_kernel_times(lambda c, t: run(c, t)[1], caches, tok,
                                   trace_dir=os.path.join(trace_dir, name.split(" ")[0]
                                                          .replace("/", "_")))
     for kernel, ms, n in kernels:
       print(f"    {ms / bench.steps:8.3f} ms/step  {n // bench.steps:4d}/step  {kernel[:90]}")
-  del state
+  del caches
   return {
       "mode": name, "kind": kind, "batch": int(batch), "max_len": max_len, "context": bench.context,
       "cache_bytes": int(nbytes), "cache_bytes_per_seq": int(per_seq),

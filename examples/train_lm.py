@@ -136,36 +136,46 @@ def prefill(model: TransformerLM, tokens):
   return _prefill(model, tokens)
 
 
+def split_caches(model: TransformerLM):
+  """``(graphdef, caches, rest)``: the decoding loops carry only the KV caches,
+  so XLA sees the weights as loop invariants (and hoists work on them, such as
+  merging the Q/K/V projections, out of the loop)."""
+  return nnx.split(model, nnx.Cache, ...)
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _teacher_forced(graphdef, state, tokens, targets):
-  def body(state, xs):
+def _teacher_forced(graphdef, caches, rest, tokens, targets):
+  def body(caches, xs):
     tok, tgt = xs
-    m = nnx.merge(graphdef, state)
+    m = nnx.merge(graphdef, caches, rest)
     logits = m(tok[:, None], decode=True)[:, 0]
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tgt[:, None], axis=-1)[:, 0]
-    return nnx.state(m), lp
-  state, lp = jax.lax.scan(body, state, (tokens.T, targets.T))
-  return state, lp.T
+    return nnx.state(m, nnx.Cache), lp
+  caches, lp = jax.lax.scan(body, caches, (tokens.T, targets.T))
+  return caches, lp.T
 
 
 def teacher_forced_logprobs(model: TransformerLM, tokens, targets):
   """Decodes ``tokens`` [B, n] one at a time (teacher-forced) through the
   caches; returns the log-probabilities of ``targets`` [B, n]."""
-  graphdef, state = nnx.split(model)
-  state, lp = _teacher_forced(graphdef, state, tokens, targets)
-  nnx.update(model, state)
+  graphdef, caches, rest = split_caches(model)
+  caches, lp = _teacher_forced(graphdef, caches, rest, tokens, targets)
+  nnx.update(model, caches)
   return lp
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=1)
-def _greedy(graphdef, state, tok, n_new):
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=1)
+def greedy_steps(graphdef, caches, rest, tok, n_new: int):
+  """``n_new`` greedy decoding steps from ``tok`` [B] (``split_caches``'s
+  parts; ``caches`` donated). Returns the new caches, the tokens fed
+  [B, n_new] and the next token [B]."""
   def body(carry, _):
-    state, tok = carry
-    m = nnx.merge(graphdef, state)
+    caches, tok = carry
+    m = nnx.merge(graphdef, caches, rest)
     nxt = jnp.argmax(m(tok[:, None], decode=True)[:, 0], axis=-1).astype(jnp.int32)
-    return (nnx.state(m), nxt), tok
-  (state, _), toks = jax.lax.scan(body, (state, tok), None, length=n_new)
-  return state, toks.T
+    return (nnx.state(m, nnx.Cache), nxt), tok
+  (caches, nxt), toks = jax.lax.scan(body, (caches, tok), None, length=n_new)
+  return caches, toks.T, nxt
 
 
 def greedy_generate(model: TransformerLM, prompt, n_new: int, *, kind: str | None = None):
@@ -173,9 +183,9 @@ def greedy_generate(model: TransformerLM, prompt, n_new: int, *, kind: str | Non
   b, p = prompt.shape
   model.init_cache(b, p + n_new, kind=kind)
   first = jnp.argmax(prefill(model, prompt), axis=-1).astype(jnp.int32)
-  graphdef, state = nnx.split(model)
-  state, toks = _greedy(graphdef, state, first, n_new)
-  nnx.update(model, state)
+  graphdef, caches, rest = split_caches(model)
+  caches, toks, _ = greedy_steps(graphdef, caches, rest, first, n_new)
+  nnx.update(model, caches)
   return np.asarray(toks)
 
 
