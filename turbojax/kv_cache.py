@@ -11,6 +11,9 @@ store INT2, the others ``kv_bits``. Heads live in *slot order* (high-bit heads
 first) so each bit width is one dense array; ``head_perm`` maps slots to heads.
 
 A chunked update and the same tokens one at a time give bit-identical caches.
+A one-token update (a decoding step) runs ``pallas_kernels.gpu.append_token``
+on CUDA, which packs each sequence's window when its token fills it, with no
+``lax.cond`` (whose predicate XLA:GPU reads back on the host in every layer).
 Overflow: outside ``jit``, an update past ``max_len`` raises ``ValueError``;
 inside ``jit`` the tokens past capacity are dropped, earlier tokens are never
 touched, and the sticky per-sequence flag ``overflow`` is set.
