@@ -11,8 +11,8 @@ laid out like JAX's FlashAttention-3 example (``attention_mgpu``):
 * per key tile, on each compute warpgroup::
 
     s    = wgmma(q8 [SMEM], k8^T [SMEM]) -> s32            (int8 tensor cores)
-    s    = f32(s) * q_scale[row] * k_scale[col]            (exponent units)
-    m, alpha, p = SAS online-softmax update                 (``online_softmax``)
+    t    = f32(s) * k_scale[col]                           (logits / q_scale[row])
+    m, alpha, p = SAS online-softmax update of q_scale * t  (``online_softmax``)
     p8, p_scale = per-row dynamic INT8 quantization of p    (``quantize_rows``)
     p8  -> SMEM (swizzled), fence
     pv   = wgmma(p8 [SMEM], v_t8^T [SMEM]) -> s32          (int8 tensor cores)
@@ -209,14 +209,24 @@ def sas_exp(x, sas: SASParams, convert: str = "magic", guard: bool = True):
   return jnp.where(past, jnp.zeros((), dtype), poly * table.astype(dtype))
 
 
-def online_softmax(m_old, s, keep, sas: SASParams, convert: str = "magic",
+def online_softmax(m_old, t, keep, q_scale, sas: SASParams, convert: str = "magic",
                    guard: bool = True):
-  """``common.online_softmax_update`` for a 2-D tile (``keep=None``: no mask)."""
+  """``common.online_softmax_update`` for a 2-D tile (``keep=None``: no mask),
+  in units of ``t = logits / q_scale``: ``q_scale`` ``[M]`` is the rows'
+  (positive) scale, the same for every key tile, so the running max ``m`` is
+  kept in ``t``'s units and the exponent's argument ``q_scale * (t - m)`` is
+  one FMA per logit (the clamp at 0 only for the SAS table: the argument is
+  never positive but by rounding). Returns ``m`` in ``t``'s units."""
   if keep is not None:
-    s = jnp.where(keep, s, common.MASKED_MAX)
-  m_new = jnp.maximum(m_old, s.max(axis=1))
-  alpha = sas_exp(m_new - m_old, sas, convert, guard).astype(jnp.float32)
-  p = sas_exp(_rows(m_new, s.shape) - s, sas, convert, guard).astype(jnp.float32)
+    t = jnp.where(keep, t, common.MASKED_MAX)
+  m_new = jnp.maximum(m_old, t.max(axis=1))
+  alpha = sas_exp(q_scale * m_new - q_scale * m_old, sas, convert, guard).astype(jnp.float32)
+  qm = q_scale * m_new
+  if sas.exact and sas.base == 2.0:
+    p = jnp.exp2(t * _rows(q_scale, t.shape) - _rows(qm, t.shape))
+  else:
+    p = sas_exp(_rows(qm, t.shape) - t * _rows(q_scale, t.shape), sas, convert,
+                guard).astype(jnp.float32)
   if keep is not None:
     p = jnp.where(keep, p, 0.0)
   return m_new, alpha, p
@@ -227,10 +237,10 @@ def quantize_rows(p, convert: str = "magic", guard: bool = True,
   """``common.quantize_rows`` for non-negative 2-D ``p``, plus ``sum(p8)``.
 
   Returns ``(p8, p_scale, code_sum)``: int8 codes ``floor(p * 127 / max + 0.5)``,
-  the f32 row scale ``max / 127`` and the f32 row sum of the codes.
-  ``rounding="nearest_even"`` rounds ``p * 127 / max`` to nearest even
-  instead (one FMA with 1.5 * 2**23 instead of a five-op floor; codes differ
-  from the reference's only at exact ties).
+  the f32 row scale ``max / 127`` and the f32 row sum of the codes (summed as
+  integers: exact, one add a code). ``rounding="nearest_even"`` rounds
+  ``p * 127 / max`` to nearest even instead (one FMA with 1.5 * 2**23 instead
+  of a five-op floor; codes differ from the reference's only at exact ties).
   """
   row_max = p.max(axis=1)
   is_zero = row_max == 0.0
@@ -240,11 +250,11 @@ def quantize_rows(p, convert: str = "magic", guard: bool = True,
     if guard:
       t = lax.optimization_barrier(t)
     bits = lax.bitcast_convert_type(t, jnp.int32)
-    return ((bits - _MAGIC_I).astype(jnp.int8), row_max / common.INT8_MAX,
-            (t - _MAGIC_F).sum(axis=1))
-  codes, bits = floor_small(p * _rows(inv, p.shape) + 0.5, convert, guard)
-  return ((bits - _MAGIC_I).astype(jnp.int8), row_max / common.INT8_MAX,
-          codes.sum(axis=1))
+  else:
+    _, bits = floor_small(p * _rows(inv, p.shape) + 0.5, convert, guard)
+  codes = bits - _MAGIC_I
+  return (codes.astype(jnp.int8), row_max / common.INT8_MAX,
+          i32_to_f32(codes.sum(axis=1), convert))
 
 
 # --- kernel ----------------------------------------------------------------------
@@ -368,7 +378,7 @@ def _prefill_kernel(
       k_scale = load(k_scale_smem.at[slot], col_layout)
       plgpu.barrier_arrive(k_consumed.at[slot])
       shape = (block_q, block_k)
-      s = i32_to_f32(s, convert) * _rows(q_scale, shape) * _cols(k_scale, shape)
+      t = i32_to_f32(s, convert) * _cols(k_scale, shape)  # the logits / q_scale
 
       keep = None
       if masked:
@@ -379,7 +389,7 @@ def _prefill_kernel(
         if causal:
           keep = keep & (k_pos <= q_pos)
 
-      m_new, alpha, p = online_softmax(m, s, keep, sas, convert, guard=interpret)
+      m_new, alpha, p = online_softmax(m, t, keep, q_scale, sas, convert, guard=interpret)
       p8, p_scale, code_sum = quantize_rows(p, convert, guard=interpret,
                                             rounding=p_rounding)
       acc = acc * _rows(alpha, acc.shape)
@@ -433,7 +443,9 @@ def _prefill_kernel(
     o_smem_wg[...] = out.astype(o_smem.dtype)
     if m_smem is not None:
       row_ok = rows < q_len
-      m_smem.at[wg][...] = jnp.where(row_ok, m, common.MASKED_MAX)
+      # m is kept in units of logits / q_scale (``online_softmax``).
+      m_smem.at[wg][...] = jnp.where(row_ok & (m > common.MASKED_MAX), m * q_scale,
+                                     common.MASKED_MAX)
       l_smem.at[wg][...] = jnp.where(row_ok, l, 0.0)
     plgpu.commit_smem()
     if out_layout == "bhtd":
