@@ -216,24 +216,31 @@ def online_softmax(m_old, t, keep, q_scale, sas: SASParams, convert: str = "magi
   (positive) scale, the same for every key tile, so the running max ``m`` is
   kept in ``t``'s units and the exponent's argument ``q_scale * (t - m)`` is
   one FMA per logit (the clamp at 0 only for the SAS table: the argument is
-  never positive but by rounding). Returns ``m`` in ``t``'s units."""
+  never positive but by rounding). Returns ``(m, alpha, p, p_max)``, ``m`` in
+  ``t``'s units; ``p_max``, the row max of ``p``, comes from the row max of
+  ``t`` for exp2 (monotonic: one exp2 a row instead of a max a logit; equal
+  to ``max(p)`` up to rounding, which cannot move a code past 127), else
+  ``None``."""
   if keep is not None:
     t = jnp.where(keep, t, common.MASKED_MAX)
-  m_new = jnp.maximum(m_old, t.max(axis=1))
+  t_max = t.max(axis=1)
+  m_new = jnp.maximum(m_old, t_max)
   alpha = sas_exp(q_scale * m_new - q_scale * m_old, sas, convert, guard).astype(jnp.float32)
   qm = q_scale * m_new
+  p_max = None
   if sas.exact and sas.base == 2.0:
     p = jnp.exp2(t * _rows(q_scale, t.shape) - _rows(qm, t.shape))
+    p_max = jnp.exp2(t_max * q_scale - qm)
   else:
     p = sas_exp(_rows(qm, t.shape) - t * _rows(q_scale, t.shape), sas, convert,
                 guard).astype(jnp.float32)
   if keep is not None:
     p = jnp.where(keep, p, 0.0)
-  return m_new, alpha, p
+  return m_new, alpha, p, p_max
 
 
 def quantize_rows(p, convert: str = "magic", guard: bool = True,
-                  rounding: str = "half_up"):
+                  rounding: str = "half_up", row_max=None):
   """``common.quantize_rows`` for non-negative 2-D ``p``, plus ``sum(p8)``.
 
   Returns ``(p8, p_scale, code_sum)``: int8 codes ``floor(p * 127 / max + 0.5)``,
@@ -241,8 +248,10 @@ def quantize_rows(p, convert: str = "magic", guard: bool = True,
   integers: exact, one add a code). ``rounding="nearest_even"`` rounds
   ``p * 127 / max`` to nearest even instead (one FMA with 1.5 * 2**23 instead
   of a five-op floor; codes differ from the reference's only at exact ties).
+  ``row_max``: ``p``'s row max when known (``online_softmax``'s ``p_max``).
   """
-  row_max = p.max(axis=1)
+  if row_max is None:
+    row_max = p.max(axis=1)
   is_zero = row_max == 0.0
   inv = jnp.where(is_zero, 0.0, common.INT8_MAX / jnp.where(is_zero, 1.0, row_max))
   if rounding == "nearest_even":
@@ -389,9 +398,10 @@ def _prefill_kernel(
         if causal:
           keep = keep & (k_pos <= q_pos)
 
-      m_new, alpha, p = online_softmax(m, t, keep, q_scale, sas, convert, guard=interpret)
+      m_new, alpha, p, p_max = online_softmax(m, t, keep, q_scale, sas, convert,
+                                              guard=interpret)
       p8, p_scale, code_sum = quantize_rows(p, convert, guard=interpret,
-                                            rounding=p_rounding)
+                                            rounding=p_rounding, row_max=p_max)
       acc = acc * _rows(alpha, acc.shape)
       l = l * alpha + code_sum * p_scale
       p_smem_wg[...] = p8
