@@ -36,8 +36,10 @@ TUNED_BLOCK_SIZES: dict[tuple[str, str, str, int, int], dict[str, Any]] = {
     # session 2): P rounded to nearest even with the magic conversions, 1.53 /
     # 0.93 ms non-causal / causal, against 1.81 / 1.17 ms for the defaults
     # (half-up rounding) and 1.72 / 1.04 ms for hardware conversions.
+    # Session 5: P.V as a bf16 wgmma accumulating in place, kernel 1019-1028 ->
+    # 921 us non-causal, 603 -> 577 us causal (GPU time, B2 T4096 H32 D128).
     ("mosaic_gpu_flashq_prefill", H100_SXM, "int8", 128, 4096): dict(
-        p_rounding="nearest_even"),
+        p_rounding="nearest_even", pv_dtype="bfloat16"),
     # B32 T8192 Hq32 Hkv8 D128 (kernels_gpu.py --sweep, 2026-11-23, session 3,
     # dp4a kernel): 1 warp, 4 K words per Q.K product; qk_words 2 / 8 10% / 20%
     # slower; 2 warps 7% slower. Splits follow a wave model (``get_default``)

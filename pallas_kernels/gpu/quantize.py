@@ -47,7 +47,7 @@ class QuantizedQKV(NamedTuple):
   q_scale: jax.Array  # f32 [B, Hq, Tq]
   k: jax.Array        # int8 [B, Hk, Tk, D]
   k_scale: jax.Array  # f32 [B, Hk, Tk]
-  v_t: jax.Array      # int8 [B, Hk, D, Tk]
+  v_t: jax.Array      # int8 [B, Hk, D, Tk] (or bf16 codes [B, Hk, Tk, D])
   v_scale: jax.Array  # f32 [B, Hk, Tk // block_k]
 
 
@@ -138,13 +138,14 @@ def _qk_kernel(
 
 def _v_kernel(
     x_ref,       # [block, D] float
-    codes_ref,   # [D, block] int8 (transposed)
+    codes_ref,   # [D, block] int8 (transposed), or [block, D] bf16
     scale_ref,   # [] f32
     *, interpret: bool):
   x = x_ref[...].astype(jnp.float32)
   absmax = jnp.max(jnp.max(jnp.abs(x), axis=-1)).reshape(1, 1)   # [1, 1]: asm needs arrays
   scale, rcp = _scale_of(absmax, interpret=interpret)
-  codes_ref[...] = _codes(x, scale, rcp, interpret=interpret).T
+  codes = _codes(x, scale, rcp, interpret=interpret)
+  codes_ref[...] = codes.T if codes_ref.dtype == jnp.int8 else codes.astype(codes_ref.dtype)
   scale_ref[()] = jnp.max(scale)
 
 
@@ -214,16 +215,22 @@ def _quantize_qk(x, lengths, mean, *, layout, block, per_token, factor, smooth,
   )(lengths, x, mean)
 
 
-def _quantize_v(x, *, layout, block, interpret, debug):
+def _quantize_v(x, *, layout, block, codes_dtype, interpret, debug):
   x = _pad_tokens(x, layout, block)
   b, h, t, d = _dims(x, layout)
+  if jnp.dtype(codes_dtype) == jnp.int8:  # transposed
+    codes_spec = pl.BlockSpec((None, None, d, block), lambda b_, h_, t_: (b_, h_, 0, t_))
+    codes_shape = jax.ShapeDtypeStruct((b, h, d, t), jnp.int8)
+  else:
+    codes_spec = pl.BlockSpec((None, None, block, d), lambda b_, h_, t_: (b_, h_, t_, 0))
+    codes_shape = jax.ShapeDtypeStruct((b, h, t, d), codes_dtype)
   return pl.pallas_call(
       functools.partial(_v_kernel, interpret=interpret),
       grid=(b, h, t // block),
       in_specs=[_to_bhtd_spec(layout, block, d)],
-      out_specs=[pl.BlockSpec((None, None, d, block), lambda b_, h_, t_: (b_, h_, 0, t_)),
+      out_specs=[codes_spec,
                  pl.BlockSpec((None, None, None), lambda b_, h_, t_: (b_, h_, t_))],
-      out_shape=[jax.ShapeDtypeStruct((b, h, d, t), jnp.int8),
+      out_shape=[codes_shape,
                  jax.ShapeDtypeStruct((b, h, t // block), jnp.float32)],
       compiler_params=compat.triton_compiler_params(num_warps=_NUM_WARPS, num_stages=1),
       interpret=interpret, debug=debug, name=KERNEL_NAME + "_v",
@@ -250,11 +257,12 @@ def _check(q, k, v, layout, block_q, block_k):
 @functools.partial(
     jax.jit, static_argnames=(
         "block_q", "block_k", "sm_scale", "log2e_fold", "smooth_k", "per_token",
-        "layout", "interpret", "debug"))
+        "layout", "v_codes_dtype", "interpret", "debug"))
 def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
                  log2e_fold: bool, smooth_k: bool, kv_lengths=None,
                  per_token: bool = False, layout: str = "bhtd", k_mean=None,
-                 interpret: bool = False, debug: bool = False) -> QuantizedQKV:
+                 v_codes_dtype=jnp.int8, interpret: bool = False,
+                 debug: bool = False) -> QuantizedQKV:
   """Float Q/K/V -> ``QuantizedQKV`` (the prefill kernel's INT8 inputs).
 
   Args:
@@ -270,6 +278,8 @@ def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
     k_mean: optional f32 [B, Hk, D] mean to subtract (default ``key_mean``);
       pass the one used for the log-sum-exp correction, or one computed on
       another platform (reductions round differently across backends).
+    v_codes_dtype: int8 (``v_t`` transposed, [B, Hk, D, Tk]) or bfloat16
+      (the same codes as bf16 [B, Hk, Tk, D], for a bf16 P.V).
   """
   _check(q, k, v, layout, block_q, block_k)
   b = q.shape[0]
@@ -291,15 +301,16 @@ def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
       k, lengths, mean, layout=layout, block=block_k, per_token=per_token,
       factor=None, smooth=smooth_k, interpret=interpret, debug=debug,
       name=KERNEL_NAME + "_k")
-  v_t, v_scale = _quantize_v(v, layout=layout, block=block_k, interpret=interpret,
-                             debug=debug)
+  v_t, v_scale = _quantize_v(v, layout=layout, block=block_k, codes_dtype=v_codes_dtype,
+                             interpret=interpret, debug=debug)
   return QuantizedQKV(q8, q_scale, k8, k_scale, v_t, v_scale)
 
 
 def quantize_qkv_reference(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
                            log2e_fold: bool, smooth_k: bool, kv_lengths=None,
                            per_token: bool = False, layout: str = "bhtd", k_mean=None,
-                           interpret: bool = False, debug: bool = False) -> QuantizedQKV:
+                           v_codes_dtype=jnp.int8, interpret: bool = False,
+                           debug: bool = False) -> QuantizedQKV:
   """Pure-JAX ``quantize_qkv`` (same inputs, same outputs)."""
   del interpret, debug
   _check(q, k, v, layout, block_q, block_k)
@@ -336,4 +347,6 @@ def quantize_qkv_reference(q, k, v, *, block_q: int, block_k: int, sm_scale: flo
     kf = jnp.where(valid, kf - mean[:, :, None, :], 0.0)
   k8, _, k_full = quant(kf, block_k, per_token)
   v8, v_scale, _ = quant(bhtd(v), block_k, False)
-  return QuantizedQKV(q8, q_full * factor, k8, k_full, jnp.swapaxes(v8, -1, -2), v_scale)
+  v_t = (jnp.swapaxes(v8, -1, -2) if jnp.dtype(v_codes_dtype) == jnp.int8
+         else v8.astype(v_codes_dtype))
+  return QuantizedQKV(q8, q_full * factor, k8, k_full, v_t, v_scale)

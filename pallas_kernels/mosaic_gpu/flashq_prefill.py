@@ -88,6 +88,12 @@ class BlockSizes:
     p_rounding: "half_up" quantizes P exactly as the reference
       (``floor(x + 0.5)``); "nearest_even" saves element-wise work and
       differs only at exact ties.
+    pv_dtype: "int8" runs P.V as an int8 wgmma (P through shared memory, an
+      s32 accumulator per tile added to the f32 output); "bfloat16" as a bf16
+      wgmma on the same integer codes (exact in bf16) with P in registers and
+      V's codes in bf16 [.., Tk, D], accumulating into the f32 output in
+      place (the tile's scales folded into the rescale by ``alpha``): fewer
+      element-wise instructions per logit at half the int8 tensor rate.
   """
 
   block_q: int = WGMMA_M
@@ -95,6 +101,7 @@ class BlockSizes:
   max_concurrent_steps: int = 2
   convert: str = "magic"
   p_rounding: str = "half_up"
+  pv_dtype: str = "int8"
 
   def __post_init__(self):
     if self.block_q != WGMMA_M:
@@ -103,6 +110,8 @@ class BlockSizes:
       raise ValueError(f"block_k={self.block_k!r} must be one of {BLOCK_KS}")
     if self.p_rounding not in ("half_up", "nearest_even"):
       raise ValueError(f"p_rounding={self.p_rounding!r} must be 'half_up' or 'nearest_even'")
+    if self.pv_dtype not in ("int8", "bfloat16"):
+      raise ValueError(f"pv_dtype={self.pv_dtype!r} must be 'int8' or 'bfloat16'")
     if self.convert not in ("magic", "cvt"):
       raise ValueError(f"convert={self.convert!r} must be 'magic' or 'cvt'")
     if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
@@ -240,7 +249,7 @@ def online_softmax(m_old, t, keep, q_scale, sas: SASParams, convert: str = "magi
 
 
 def quantize_rows(p, convert: str = "magic", guard: bool = True,
-                  rounding: str = "half_up", row_max=None):
+                  rounding: str = "half_up", row_max=None, codes_dtype=jnp.int8):
   """``common.quantize_rows`` for non-negative 2-D ``p``, plus ``sum(p8)``.
 
   Returns ``(p8, p_scale, code_sum)``: int8 codes ``floor(p * 127 / max + 0.5)``,
@@ -249,6 +258,7 @@ def quantize_rows(p, convert: str = "magic", guard: bool = True,
   ``p * 127 / max`` to nearest even instead (one FMA with 1.5 * 2**23 instead
   of a five-op floor; codes differ from the reference's only at exact ties).
   ``row_max``: ``p``'s row max when known (``online_softmax``'s ``p_max``).
+  ``codes_dtype``: int8, or a float type holding the same integer codes.
   """
   if row_max is None:
     row_max = p.max(axis=1)
@@ -259,11 +269,12 @@ def quantize_rows(p, convert: str = "magic", guard: bool = True,
     if guard:
       t = lax.optimization_barrier(t)
     bits = lax.bitcast_convert_type(t, jnp.int32)
+    f = t - _MAGIC_F
   else:
-    _, bits = floor_small(p * _rows(inv, p.shape) + 0.5, convert, guard)
+    f, bits = floor_small(p * _rows(inv, p.shape) + 0.5, convert, guard)
   codes = bits - _MAGIC_I
-  return (codes.astype(jnp.int8), row_max / common.INT8_MAX,
-          i32_to_f32(codes.sum(axis=1), convert))
+  p8 = codes.astype(jnp.int8) if jnp.dtype(codes_dtype) == jnp.int8 else f.astype(codes_dtype)
+  return p8, row_max / common.INT8_MAX, i32_to_f32(codes.sum(axis=1), convert)
 
 
 # --- kernel ----------------------------------------------------------------------
@@ -307,7 +318,9 @@ def _prefill_kernel(
     scratch,
     *, sas: SASParams, causal: bool, static_full: bool, block_q: int,
     block_k: int, num_k_tiles: int, steps: int, groups: int, out_layout: str,
-    convert: str, p_rounding: str, interpret: bool):
+    convert: str, p_rounding: str, pv_dtype: str, interpret: bool):
+  # pv_dtype "bfloat16": ``v_t_ref`` / ``v_t_smem`` hold V's codes as bf16 [.., Tk, D],
+  # v_scale arrives with K, and there is no P scratch.
   (q_smem, q_scale_smem, meta_smem, k_smem, k_scale_smem, v_t_smem,
    v_scale_smem, p_smem, o_smem, m_smem, l_smem) = scratch[0]
   (meta_bar, q_bar, k_bar, v_bar, k_consumed, v_consumed, schedule_bar) = scratch[1]
@@ -349,7 +362,8 @@ def _prefill_kernel(
   def _compute_wg():
     plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
     row0 = cta_row0 + wg * block_q
-    q_smem_wg, p_smem_wg, o_smem_wg = q_smem.at[wg], p_smem.at[wg], o_smem.at[wg]
+    q_smem_wg, o_smem_wg = q_smem.at[wg], o_smem.at[wg]
+    p_smem_wg = None if p_smem is None else p_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[batch, q_head, pl.ds(row0, block_q)],
                             q_smem_wg, q_bar.at[wg])
     plgpu.copy_gmem_to_smem(q_scale_ref.at[batch, q_head, pl.ds(row0, block_q)],
@@ -366,11 +380,13 @@ def _prefill_kernel(
     m = cast(jnp.full((block_q,), common.MASKED_MAX, jnp.float32), row_layout)
     l = cast(jnp.zeros((block_q,), jnp.float32), row_layout)
     acc = cast(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+    # bf16 P.V: ``acc`` is kept in units of the last tile's p_scale * v_scale.
+    unit = cast(jnp.ones((block_q,), jnp.float32), row_layout)
 
     pl.when(wg == 1)(schedule)
 
     def kv_step(j, carry, *, masked: bool):
-      acc, m, l = carry
+      acc, m, l, unit = carry
       slot = lax.rem(j, jnp.int32(steps))
       plgpu.barrier_wait(k_bar.at[slot])
 
@@ -385,6 +401,8 @@ def _prefill_kernel(
       else:
         s = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_k), jnp.int32))
       k_scale = load(k_scale_smem.at[slot], col_layout)
+      if pv_dtype == "bfloat16":
+        v_scale = v_scale_smem[slot, 0]
       plgpu.barrier_arrive(k_consumed.at[slot])
       shape = (block_q, block_k)
       t = i32_to_f32(s, convert) * _cols(k_scale, shape)  # the logits / q_scale
@@ -400,31 +418,49 @@ def _prefill_kernel(
 
       m_new, alpha, p, p_max = online_softmax(m, t, keep, q_scale, sas, convert,
                                               guard=interpret)
-      p8, p_scale, code_sum = quantize_rows(p, convert, guard=interpret,
-                                            rounding=p_rounding, row_max=p_max)
-      acc = acc * _rows(alpha, acc.shape)
+      p8, p_scale, code_sum = quantize_rows(
+          p, convert, guard=interpret, rounding=p_rounding, row_max=p_max,
+          codes_dtype=jnp.bfloat16 if pv_dtype == "bfloat16" else jnp.int8)
       l = l * alpha + code_sum * p_scale
-      p_smem_wg[...] = p8
-      plgpu.commit_smem()
-      acc, l, m_new, p_scale = lax.optimization_barrier((acc, l, m_new, p_scale))
+      if pv_dtype == "bfloat16":
+        new_unit = jnp.where(p_scale > 0.0, p_scale * v_scale, unit)
+        acc = acc * _rows(alpha * unit / new_unit, acc.shape)
+        unit = new_unit
+        acc, l, m_new, unit, p8 = lax.optimization_barrier((acc, l, m_new, unit, p8))
+      else:
+        acc = acc * _rows(alpha, acc.shape)
+        p_smem_wg[...] = p8
+        plgpu.commit_smem()
+        acc, l, m_new, p_scale = lax.optimization_barrier((acc, l, m_new, p_scale))
       plgpu.barrier_arrive(schedule_bar)  # done with the softmax
       plgpu.barrier_wait(v_bar.at[slot])
       plgpu.barrier_wait(schedule_bar)  # wait until the tensor cores are free
+
+      if pv_dtype == "bfloat16":
+        if interpret:
+          acc = acc + lax.dot_general(p8.astype(jnp.float32), v_t_smem[slot].astype(jnp.float32),
+                                      (((1,), (0,)), ((), ())))
+        else:
+          def accumulate_pv(acc_ref):
+            plgpu.wgmma(acc_ref, p8, v_t_smem.at[slot])
+          acc = pl.run_state(accumulate_pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        return acc, m_new, l, unit
 
       def compute_pv(acc_ref):
         plgpu.wgmma(acc_ref, p_smem_wg, v_t_smem.at[slot].transpose((1, 0)))
         return acc_ref[...]
 
       if interpret:
-        pv = _int8_dot_t(p_smem_wg[...], v_t_smem[slot])
+        pv_ = _int8_dot_t(p_smem_wg[...], v_t_smem[slot])
       else:
-        pv = pl.run_scoped(compute_pv, plgpu.ACC((block_q, head_dim), jnp.int32))
+        pv_ = pl.run_scoped(compute_pv, plgpu.ACC((block_q, head_dim), jnp.int32))
       v_scale = v_scale_smem[slot, 0]
       plgpu.barrier_arrive(v_consumed.at[slot])
-      acc = acc + i32_to_f32(pv, convert) * _rows(p_scale * v_scale, acc.shape)
-      return acc, m_new, l
+      acc = acc + i32_to_f32(pv_, convert) * _rows(p_scale * v_scale, acc.shape)
+      return acc, m_new, l, unit
 
-    carry = (acc, m, l)
+    carry = (acc, m, l, unit)
     carry = lax.fori_loop(0, hi_full, functools.partial(kv_step, masked=False), carry)
     if not static_full:
       carry = lax.fori_loop(hi_full, hi, functools.partial(kv_step, masked=True), carry)
@@ -441,7 +477,9 @@ def _prefill_kernel(
         schedule()
 
       lax.fori_loop(hi, hi_cta, drain, None)
-    acc, m, l = carry
+    acc, m, l, unit = carry
+    if pv_dtype == "bfloat16":
+      acc = acc * _rows(unit, acc.shape)
     pl.when(wg == 0)(schedule)
 
     # acc / l, 0 for rows that saw no key or lie past q_len (never NaN).
@@ -482,9 +520,16 @@ def _prefill_kernel(
                               k_bar.at[slot])
       plgpu.copy_gmem_to_smem(k_scale_ref.at[batch, kv_head, keys],
                               k_scale_smem.at[slot], k_bar.at[slot])
+      if pv_dtype == "bfloat16":  # read before K's slot is released
+        plgpu.copy_gmem_to_smem(v_scale_ref.at[batch, kv_head, j],
+                                v_scale_smem.at[slot], k_bar.at[slot])
 
     def issue_v(j, slot):
       keys = pl.ds(j * block_k, block_k)
+      if pv_dtype == "bfloat16":
+        plgpu.copy_gmem_to_smem(v_t_ref.at[batch, kv_head, keys], v_t_smem.at[slot],
+                                v_bar.at[slot])
+        return
       plgpu.copy_gmem_to_smem(v_t_ref.at[batch, kv_head, :, keys], v_t_smem.at[slot],
                               v_bar.at[slot])
       plgpu.copy_gmem_to_smem(v_scale_ref.at[batch, kv_head, j],
@@ -545,8 +590,10 @@ def flashq_prefill(
     q: int8 [B, Hq, Tq, D]; q_scale: f32 [B, Hq, Tq], per token, softmax scale
       (and ``log2 e`` for base 2) folded in.
     k: int8 [B, Hk, Tk, D] (smoothed); k_scale: f32 [B, Hk, Tk].
-    v_t: int8 [B, Hk, D, Tk]; v_scale: f32 [B, Hk, Tk // block_k], one scale
-      per key tile (this shape fixes ``block_k``).
+    v_t: int8 [B, Hk, D, Tk] (or, for ``pv_dtype="bfloat16"``, the same codes
+      as bf16 [B, Hk, Tk, D], as ``quantize_qkv(v_codes_dtype=...)`` writes
+      them); v_scale: f32 [B, Hk, Tk // block_k], one scale per key tile
+      (this shape fixes ``block_k``).
     sas: SAS exponent parameters (``exact=True``: ``exp2``, no sparsity;
       otherwise base 2 only).
     causal: keep keys at positions ``<= query_offset + i`` for query ``i``.
@@ -568,10 +615,14 @@ def flashq_prefill(
     raise NotImplementedError("jax.experimental.pallas.mosaic_gpu is unavailable")
   b, hq, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
-  block_k = gpu_flashq_prefill.check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout)
+  v_codes_bf16 = v_t.dtype == jnp.bfloat16  # V's codes, not transposed
+  v_shape = (v_t.shape[:2] + v_t.shape[:1:-1]) if v_codes_bf16 else v_t.shape
+  block_k = gpu_flashq_prefill.check_inputs(
+      q, q_scale, k, k_scale, jax.ShapeDtypeStruct(v_shape, v_t.dtype), v_scale, out_layout)
   n_v_tiles = tk // block_k
-  if q.dtype != jnp.int8 or k.dtype != jnp.int8 or v_t.dtype != jnp.int8:
-    raise ValueError(f"q, k, v_t must be int8, got {q.dtype}, {k.dtype}, {v_t.dtype}")
+  if q.dtype != jnp.int8 or k.dtype != jnp.int8 or v_t.dtype not in (jnp.int8, jnp.bfloat16):
+    raise ValueError(f"q, k must be int8 and v_t int8 (or bf16 codes), got {q.dtype}, "
+                     f"{k.dtype}, {v_t.dtype}")
   if local_window is not None:
     raise NotImplementedError("Mosaic GPU FlashQ prefill: local_window is not supported")
   if d not in HEAD_DIMS:
@@ -585,6 +636,8 @@ def flashq_prefill(
         f"Mosaic GPU FlashQ prefill: SAS base {sas.base} (only base 2 or exact)")
   if block_sizes is None:
     block_sizes = BlockSizes(block_k=block_k)
+  if v_codes_bf16 and block_sizes.pv_dtype != "bfloat16":
+    raise ValueError("bf16 V codes ([B, Hk, Tk, D]) need BlockSizes(pv_dtype='bfloat16')")
   elif block_sizes.block_k != block_k:
     raise ValueError(
         f"{block_sizes.block_k=} differs from the V scale tile {block_k=} "
@@ -622,7 +675,11 @@ def flashq_prefill(
       _prefill_kernel, sas=sas, causal=causal, static_full=static_full,
       block_q=block_q, block_k=block_k, num_k_tiles=n_v_tiles, steps=steps,
       groups=hq // hk, out_layout=out_layout, convert=block_sizes.convert,
-      p_rounding=block_sizes.p_rounding, interpret=bool(interpret))
+      p_rounding=block_sizes.p_rounding, pv_dtype=block_sizes.pv_dtype,
+      interpret=bool(interpret))
+  bf16_pv = block_sizes.pv_dtype == "bfloat16"
+  if bf16_pv and not v_codes_bf16:  # the quantization pass can write these directly
+    v_t = jnp.swapaxes(v_t, -1, -2).astype(jnp.bfloat16)
 
   def entry(meta_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, m_ref, l_ref):
     smem = (
@@ -631,9 +688,10 @@ def flashq_prefill(
         plgpu.SMEM((NUM_COMPUTE_WGS + 1, _META_WIDTH), jnp.int32),     # meta
         _smem_tiled((steps, block_k, d), jnp.int8),                    # k
         plgpu.SMEM((steps, block_k), jnp.float32),                     # k_scale
-        _smem_tiled((steps, d, block_k), jnp.int8),                    # v_t
+        (_smem_tiled((steps, block_k, d), jnp.bfloat16) if bf16_pv     # v
+         else _smem_tiled((steps, d, block_k), jnp.int8)),             # v_t
         plgpu.SMEM((steps, _META_WIDTH), jnp.float32),                 # v_scale
-        _smem_tiled((NUM_COMPUTE_WGS, block_q, block_k), jnp.int8),    # p
+        None if bf16_pv else _smem_tiled((NUM_COMPUTE_WGS, block_q, block_k), jnp.int8),  # p
         _smem_tiled((NUM_COMPUTE_WGS, block_q, d), out_dtype),         # out
         plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.float32) if return_residuals else None,
         plgpu.SMEM((NUM_COMPUTE_WGS, block_q), jnp.float32) if return_residuals else None,
@@ -641,8 +699,8 @@ def flashq_prefill(
     barriers = (
         plgpu.Barrier(num_barriers=NUM_COMPUTE_WGS + 1),                      # meta
         plgpu.Barrier(num_arrivals=2, num_barriers=NUM_COMPUTE_WGS),          # q
-        plgpu.Barrier(num_arrivals=2, num_barriers=steps),                    # k
-        plgpu.Barrier(num_arrivals=2, num_barriers=steps),                    # v
+        plgpu.Barrier(num_arrivals=3 if bf16_pv else 2, num_barriers=steps),  # k
+        plgpu.Barrier(num_arrivals=1 if bf16_pv else 2, num_barriers=steps),  # v
         plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=steps),      # k consumed
         plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=steps),      # v consumed
         plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),                          # schedule

@@ -185,6 +185,8 @@ QUANT_CASES = {
     "bthd_per_token_smooth_lengths": dict(layout="bthd", per_token=True, smooth_k=True,
                                           kv_lengths=(250, 123)),
     "bthd_block_plain": dict(layout="bthd", per_token=False, smooth_k=False, kv_lengths=None),
+    "bthd_per_token_bf16_v_codes": dict(layout="bthd", per_token=True, smooth_k=True,
+                                        kv_lengths=None, v_codes_dtype=jnp.bfloat16),
 }
 
 

@@ -88,6 +88,14 @@ CASES = {
     "f32_causal_nearest_even_p": (
         dict(b=1, hq=2, hk=1, tq=384, tk=384, d=128, block_k=128),
         dict(sas="f32", causal=True, p_rounding="nearest_even")),
+    "f32_bf16_pv_causal_kvlen_gqa_residuals": (
+        dict(b=2, hq=4, hk=2, tq=256, tk=384, d=128, block_k=128),
+        dict(sas="f32", causal=True, kv_lengths=[384, 0], return_residuals=True,
+             pv_dtype="bfloat16")),
+    "exact_bf16_pv_d64_bk64_bthd_bf16_out": (
+        dict(b=1, hq=2, hk=1, tq=200, tk=256, d=64, block_k=64),
+        dict(sas="exact", out_dtype="bfloat16", out_layout="bthd", q_lengths=[150],
+             p_rounding="nearest_even", pv_dtype="bfloat16")),
 }
 # Small enough for the CPU interpreter (one to two CTAs, a few key tiles).
 INTERPRET_CASES = {
@@ -101,6 +109,10 @@ INTERPRET_CASES = {
     "exact_d64_nearest_even_p": (
         dict(b=1, hq=1, hk=1, tq=128, tk=128, d=64, block_k=64),
         dict(sas="exact", p_rounding="nearest_even")),
+    "f32_bf16_pv_causal_kvlen_residuals": (
+        dict(b=1, hq=1, hk=1, tq=128, tk=256, d=128, block_k=128),
+        dict(sas="f32", causal=True, kv_lengths=[200], return_residuals=True,
+             pv_dtype="bfloat16")),
 }
 
 
@@ -111,13 +123,14 @@ def run_case(shape: dict, call: dict, *, interpret) -> dict:
   kw["sas"] = SAS_BY_NAME[kw["sas"]]
   convert = kw.pop("convert", "magic")
   p_rounding = kw.pop("p_rounding", "half_up")
+  pv_dtype = kw.pop("pv_dtype", "int8")
   for name in ("kv_lengths", "q_lengths"):
     if name in kw:
       kw[name] = jnp.asarray(kw[name], jnp.int32)
   if "out_dtype" in kw:
     kw["out_dtype"] = jnp.dtype(kw["out_dtype"])
   block_sizes = mf.BlockSizes(block_k=shape["block_k"], convert=convert,
-                              p_rounding=p_rounding)
+                              p_rounding=p_rounding, pv_dtype=pv_dtype)
   out = mf.flashq_prefill(*args, block_sizes=block_sizes, interpret=interpret, **kw)
   ref = mf.flashq_prefill_reference(*args, **kw)
   errs = {}
@@ -218,6 +231,22 @@ def test_lowers_for_cuda(head_dim, block_k, causal, kv_lengths, sas, p_rounding)
   exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
   text = exported.mlir_module()
   assert any(f"@{t}(" in text for t in mf.compat.MOSAIC_GPU_CUSTOM_CALL_TARGETS), text[:500]
+
+
+def test_bf16_pv_lowers_for_cuda_from_bf16_v_codes():
+  """The API's bf16 P.V path: V's codes arrive as bf16 [B, Hk, Tk, D]."""
+  s = jax.ShapeDtypeStruct
+  args = _abstract_args(tk=384)[:4] + (s((1, 1, 384, 128), jnp.bfloat16),
+                                        s((1, 1, 3), jnp.float32))
+  kw = dict(sas=SAS_EXACT, causal=True, out_dtype=jnp.bfloat16, out_layout="bthd",
+            block_sizes=mf.BlockSizes(block_k=128, p_rounding="nearest_even",
+                                      pv_dtype="bfloat16"))
+  exported = jax.export.export(jax.jit(lambda *a: mf.flashq_prefill(*a, **kw)),
+                               platforms=["cuda"])(*args)
+  text = exported.mlir_module()
+  assert any(f"@{t}(" in text for t in mf.compat.MOSAIC_GPU_CUSTOM_CALL_TARGETS)
+  with pytest.raises(ValueError, match="pv_dtype"):
+    mf.flashq_prefill(*args, sas=SAS_EXACT, block_sizes=mf.BlockSizes(block_k=128))
 
 
 def test_rejects_what_it_does_not_support():

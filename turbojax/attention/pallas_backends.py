@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
+
 from pallas_kernels import compat
 from pallas_kernels.gpu import flashq_decode as gpu_decode
 from pallas_kernels.gpu import flashq_prefill as gpu_prefill
@@ -70,13 +72,14 @@ _triton_decode = _decoder("triton", gpu_decode.flashq_decode, gpu_prefill.fast_s
 
 
 # --- triton (GPU) and mosaic_gpu (Hopper and newer) ------------------------------------------
-def _gpu_prefill(kernel, block_k: int, query, key, value, extras: Extras, call: Call):
+def _gpu_prefill(kernel, block_k: int, query, key, value, extras: Extras, call: Call, *,
+                 v_codes_dtype=jnp.int8):
   """Both GPU prefill kernels: the fused Triton quantization kernel (int8 codes,
   per-token scales, smoothed K, V^T with one scale per ``block_k`` keys, the
-  kernel's key tile), then ``kernel`` with the exp2 exponent (on H100 19% faster
-  than the SAS polynomial in the Triton kernel, and the fastest Mosaic GPU
-  variant: gpu_notes.md, mosaic_gpu_notes.md); P quantization and the int8 P.V
-  stay on."""
+  kernel's key tile; or V's codes in bf16 for a bf16 P.V), then ``kernel`` with
+  the exp2 exponent (on H100 19% faster than the SAS polynomial in the Triton
+  kernel, and the fastest Mosaic GPU variant: gpu_notes.md,
+  mosaic_gpu_notes.md); P quantization stays on."""
   config = call.config
 
   def quantize(query, key, value):
@@ -84,7 +87,7 @@ def _gpu_prefill(kernel, block_k: int, query, key, value, extras: Extras, call: 
         query, key, value, block_q=config.block_q, block_k=block_k,
         sm_scale=call.scale, log2e_fold=config.sas_base == 2.0, smooth_k=config.smooth_k,
         kv_lengths=extras.key_value_seq_lengths, per_token=config.per_token_scales,
-        layout="bthd", interpret=config.interpret))
+        layout="bthd", v_codes_dtype=v_codes_dtype, interpret=config.interpret))
 
   return prefill_with(functools.partial(kernel, interpret=config.interpret), quantize,
                       query, key, value, extras, call, block_q=config.block_q,
@@ -112,7 +115,8 @@ def mosaic_gpu_prefill(query, key, value, extras: Extras, call: Call):
   block_sizes = mgpu_prefill.BlockSizes.get_default(  # block_k is one of its BLOCK_KS
       head_dim=query.shape[-1], seq_len_q=query.shape[1], seq_len_k=key.shape[1])
   return _gpu_prefill(functools.partial(mgpu_prefill.flashq_prefill, block_sizes=block_sizes),
-                      block_sizes.block_k, query, key, value, extras, call)
+                      block_sizes.block_k, query, key, value, extras, call,
+                      v_codes_dtype=jnp.dtype(block_sizes.pv_dtype))
 
 
 # No Mosaic GPU decode kernel: "mosaic_gpu" decodes with the Triton kernel (as
