@@ -23,7 +23,11 @@ laid out like JAX's FlashAttention-3 example (``attention_mgpu``):
   accumulator), so both dots read K and ``v_t`` tiles as stored (rows of
   ``head_dim`` resp. ``block_k`` bytes, 128- or 64-byte swizzle); P goes
   through shared memory because Mosaic GPU has no relayout from the
-  accumulator layout to the 8-bit A-operand register layout;
+  accumulator layout to the 8-bit A-operand register layout. With
+  ``BlockSizes(pv_dtype="bfloat16")`` (tuned on for H100) P.V is instead a bf16
+  wgmma on the same integer codes (exact in bf16): P from registers, V's codes
+  as bf16, accumulating into ``acc`` in place (``acc`` kept in units of the
+  tile's ``p_scale * v_scale``, the ratio folded into the ``alpha`` rescale);
 * the two compute warpgroups ping-pong through a schedule barrier, so one
   warpgroup's softmax overlaps the other's matmuls.
 
