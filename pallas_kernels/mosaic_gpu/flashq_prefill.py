@@ -427,7 +427,8 @@ def _prefill_kernel(
           codes_dtype=jnp.bfloat16 if pv_dtype == "bfloat16" else jnp.int8)
       l = l * alpha + code_sum * p_scale
       if pv_dtype == "bfloat16":
-        new_unit = jnp.where(p_scale > 0.0, p_scale * v_scale, unit)
+        tile_unit = p_scale * v_scale  # 0 where P's row is all zero: keep the old unit
+        new_unit = jnp.where(tile_unit > 0.0, tile_unit, unit)
         acc = acc * _rows(alpha * unit / new_unit, acc.shape)
         unit = new_unit
         acc, l, m_new, unit, p8 = lax.optimization_barrier((acc, l, m_new, unit, p8))
