@@ -127,19 +127,29 @@ def init_state(rows_shape, head_dim) -> SoftmaxState:
       acc=jnp.zeros(rows_shape + (head_dim,), jnp.float32))
 
 
-def tile_update(state: SoftmaxState, s, keep, v8, v_scale, sas: SASParams) -> SoftmaxState:
+def tile_update(state: SoftmaxState, s, keep, v8, v_scale, sas: SASParams,
+                quantize_p: bool = True) -> SoftmaxState:
   """Folds one prefill key tile into the online-softmax state.
 
   ``s``: f32 logits ``[..., M, N]``; ``v8``: int8 ``[..., N, D]``; ``v_scale``:
   the tile's V scale, broadcastable to the rows ``[..., M]``.
   ``acc += (P_q @ V_q) * p_scale * v_scale``, and ``l`` sums exactly the
-  quantized weights that were multiplied.
+  quantized weights that were multiplied. ``quantize_p=False``: P enters the
+  product rounded to bf16 instead of INT8 codes (a bf16 P.V on V's codes,
+  ``l`` the f32 sum of P), the Mosaic GPU kernel's cheaper option.
   """
   m_new, alpha, p = common.online_softmax_update(state.m, s, keep, sas)
-  p_q, p_scale = common.quantize_rows(p)
-  pv = common.int8_dot(p_q, v8, "...mn,...nd->...md").astype(jnp.float32)
-  pv = pv * (p_scale * v_scale)[..., None]
-  l_tile = jnp.sum(p_q.astype(jnp.float32), axis=-1) * p_scale
+  if quantize_p:
+    p_q, p_scale = common.quantize_rows(p)
+    pv = common.int8_dot(p_q, v8, "...mn,...nd->...md").astype(jnp.float32)
+    pv = pv * (p_scale * v_scale)[..., None]
+    l_tile = jnp.sum(p_q.astype(jnp.float32), axis=-1) * p_scale
+  else:
+    p_bf16 = p.astype(jnp.bfloat16).astype(jnp.float32)
+    pv = jnp.einsum("...mn,...nd->...md", p_bf16, v8.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+    pv = pv * v_scale[..., None]
+    l_tile = jnp.sum(p, axis=-1)
   return SoftmaxState(
       m=m_new,
       l=state.l * alpha + l_tile,
@@ -215,7 +225,8 @@ def finalize(state: SoftmaxState) -> jax.Array:
 def flashq_prefill_reference(
     q, q_scale, k, k_scale, v, v_scale, *, block_k: int, sas: SASParams,
     causal: bool = False, query_offset=0, q_lengths=None, kv_lengths=None,
-    local_window=None, bias=None, mask=None, return_residuals: bool = False):
+    local_window=None, bias=None, mask=None, return_residuals: bool = False,
+    quantize_p: bool = True):
   """FlashQ prefill over INT8 Q/K/V.
 
   Args:
@@ -230,6 +241,7 @@ def flashq_prefill_reference(
     local_window: optional ``(left, right)``.
     bias: optional f32 broadcastable to [B, Hq, Tq, Tk], exponent units.
     mask: optional bool broadcastable to [B, Hq, Tq, Tk], True keeps.
+    quantize_p: P as INT8 codes (default) or rounded to bf16 (``tile_update``).
   Returns:
     f32 [B, Hq, Tq, D] (rows with no visible key are 0), and with
     ``return_residuals`` also ``(m, l)`` f32 [B, Hq, Tq].
@@ -274,7 +286,7 @@ def flashq_prefill_reference(
     if mask is not None:
       keep &= x["mask"]
     state = tile_update(state, s, keep, x["v"][:, :, None],
-                        x["v_scale"][:, :, None, None], sas)
+                        x["v_scale"][:, :, None, None], sas, quantize_p)
     return state, None
 
   state, _ = jax.lax.scan(body, init_state((b, hk, g, tq), d), xs)

@@ -21,6 +21,12 @@ MIN_BUCKET = 128
 MAX_BUCKET = 1 << 17
 
 H100_SXM = "NVIDIA H100 80GB HBM3"
+H200 = "NVIDIA H200"
+# Devices with the same SM (die, SM count, shared memory) as a tuned one: the
+# H200 is the H100's GH100 with larger, faster HBM. Its own entries come
+# first; where it has none, the H100's apply (bandwidth-bound kernels such as
+# decode may be retuned for it).
+SAME_SM_AS = {H200: H100_SXM}
 
 # (kernel, device_kind, dtype, head_dim, seq_bucket) -> BlockSizes fields.
 # Decode entries give ``resident_programs`` (programs the GPU runs at once) and
@@ -40,6 +46,12 @@ TUNED_BLOCK_SIZES: dict[tuple[str, str, str, int, int], dict[str, Any]] = {
     # 921 us non-causal, 603 -> 577 us causal (GPU time, B2 T4096 H32 D128).
     ("mosaic_gpu_flashq_prefill", H100_SXM, "int8", 128, 4096): dict(
         p_rounding="nearest_even", pv_dtype="bfloat16"),
+    # Session 6, on the H200 (GPU time, B2 H32 D128, T4096 / T16384): P to the
+    # bf16 P.V wgmma without INT8 codes and a 3-deep K/V ring, 0.920 -> 0.878
+    # ms non-causal, 0.596 -> 0.547 causal; 14.02 -> 13.59 / 7.88 -> 7.19 at
+    # 16k (mosaic_gpu_notes.md).
+    ("mosaic_gpu_flashq_prefill", H200, "int8", 128, 4096): dict(
+        pv_dtype="bfloat16", quantize_p=False, max_concurrent_steps=3),
     # B32 T8192 Hq32 Hkv8 D128 (kernels_gpu.py --sweep, 2026-11-23, session 3,
     # dp4a kernel): 1 warp, 4 K words per Q.K product; qk_words 2 / 8 10% / 20%
     # slower; 2 warps 7% slower. Splits follow a wave model (``get_default``)
@@ -83,13 +95,11 @@ def lookup(kernel: str, *, device_kind: str | None, dtype: str, head_dim: int,
   if device_kind is None:
     return None
   bucket = seq_bucket(seq_len)
-  exact = TUNED_BLOCK_SIZES.get((kernel, device_kind, dtype, head_dim, bucket))
-  if exact is not None:
-    return dict(exact)
-  candidates = [
-      (abs(math.log2(key[4]) - math.log2(bucket)), key)
-      for key in TUNED_BLOCK_SIZES
-      if key[:4] == (kernel, device_kind, dtype, head_dim)]
-  if not candidates:
-    return None
-  return dict(TUNED_BLOCK_SIZES[min(candidates)[1]])
+  for device in (device_kind, SAME_SM_AS.get(device_kind)):
+    candidates = [
+        (abs(math.log2(key[4]) - math.log2(bucket)), key)
+        for key in TUNED_BLOCK_SIZES
+        if key[:4] == (kernel, device, dtype, head_dim)]
+    if candidates:
+      return dict(TUNED_BLOCK_SIZES[min(candidates)[1]])
+  return None

@@ -345,7 +345,7 @@ def flashq_prefill_reference(
     query_offset=0, q_lengths=None, kv_lengths=None, local_window=None,
     block_sizes: BlockSizes | None = None, interpret: bool = False,
     debug: bool = False, return_residuals: bool = False, out_dtype=jnp.float32,
-    out_layout: str = "bhtd"):
+    out_layout: str = "bhtd", quantize_p: bool = True):
   """``flashq_prefill``'s inputs through ``reference.flashq_prefill_reference``."""
   del block_sizes, interpret, debug  # the reference has no tiles but block_k
   block_k = k.shape[2] // v_scale.shape[-1]
@@ -353,7 +353,7 @@ def flashq_prefill_reference(
       q, q_scale, k, k_scale, jnp.swapaxes(v_t, -1, -2), v_scale, block_k=block_k,
       sas=sas, causal=causal, query_offset=query_offset, q_lengths=q_lengths,
       kv_lengths=kv_lengths, local_window=local_window,
-      return_residuals=return_residuals)
+      return_residuals=return_residuals, quantize_p=quantize_p)
   out, residuals = res if return_residuals else (res, None)
   out = out.astype(out_dtype)
   if out_layout == "bthd":

@@ -98,6 +98,9 @@ class BlockSizes:
       V's codes in bf16 [.., Tk, D], accumulating into the f32 output in
       place (the tile's scales folded into the rescale by ``alpha``): fewer
       element-wise instructions per logit at half the int8 tensor rate.
+    quantize_p: False (with ``pv_dtype="bfloat16"`` only) feeds P to the bf16
+      P.V wgmma as bf16 values instead of INT8 codes: no per-logit
+      quantization, ``l`` a float sum (``reference.tile_update``).
   """
 
   block_q: int = WGMMA_M
@@ -106,6 +109,7 @@ class BlockSizes:
   convert: str = "magic"
   p_rounding: str = "half_up"
   pv_dtype: str = "int8"
+  quantize_p: bool = True
 
   def __post_init__(self):
     if self.block_q != WGMMA_M:
@@ -116,6 +120,8 @@ class BlockSizes:
       raise ValueError(f"p_rounding={self.p_rounding!r} must be 'half_up' or 'nearest_even'")
     if self.pv_dtype not in ("int8", "bfloat16"):
       raise ValueError(f"pv_dtype={self.pv_dtype!r} must be 'int8' or 'bfloat16'")
+    if not self.quantize_p and self.pv_dtype != "bfloat16":
+      raise ValueError("quantize_p=False needs pv_dtype='bfloat16' (an int8 P.V takes codes)")
     if self.convert not in ("magic", "cvt"):
       raise ValueError(f"convert={self.convert!r} must be 'magic' or 'cvt'")
     if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
@@ -322,7 +328,7 @@ def _prefill_kernel(
     scratch,
     *, sas: SASParams, causal: bool, static_full: bool, block_q: int,
     block_k: int, num_k_tiles: int, steps: int, groups: int, out_layout: str,
-    convert: str, p_rounding: str, pv_dtype: str, interpret: bool):
+    convert: str, p_rounding: str, pv_dtype: str, quantize_p: bool, interpret: bool):
   # pv_dtype "bfloat16": ``v_t_ref`` / ``v_t_smem`` hold V's codes as bf16 [.., Tk, D],
   # v_scale arrives with K, and there is no P scratch.
   (q_smem, q_scale_smem, meta_smem, k_smem, k_scale_smem, v_t_smem,
@@ -422,10 +428,14 @@ def _prefill_kernel(
 
       m_new, alpha, p, p_max = online_softmax(m, t, keep, q_scale, sas, convert,
                                               guard=interpret)
-      p8, p_scale, code_sum = quantize_rows(
-          p, convert, guard=interpret, rounding=p_rounding, row_max=p_max,
-          codes_dtype=jnp.bfloat16 if pv_dtype == "bfloat16" else jnp.int8)
-      l = l * alpha + code_sum * p_scale
+      if quantize_p:
+        p8, p_scale, code_sum = quantize_rows(
+            p, convert, guard=interpret, rounding=p_rounding, row_max=p_max,
+            codes_dtype=jnp.bfloat16 if pv_dtype == "bfloat16" else jnp.int8)
+        l = l * alpha + code_sum * p_scale
+      else:  # P itself in bf16: the tile's unit is V's scale alone
+        p8, p_scale = p.astype(jnp.bfloat16), cast(jnp.ones_like(l), row_layout)
+        l = l * alpha + p.sum(axis=1)
       if pv_dtype == "bfloat16":
         tile_unit = p_scale * v_scale  # 0 where P's row is all zero: keep the old unit
         new_unit = jnp.where(tile_unit > 0.0, tile_unit, unit)
@@ -681,7 +691,7 @@ def flashq_prefill(
       block_q=block_q, block_k=block_k, num_k_tiles=n_v_tiles, steps=steps,
       groups=hq // hk, out_layout=out_layout, convert=block_sizes.convert,
       p_rounding=block_sizes.p_rounding, pv_dtype=block_sizes.pv_dtype,
-      interpret=bool(interpret))
+      quantize_p=block_sizes.quantize_p, interpret=bool(interpret))
   bf16_pv = block_sizes.pv_dtype == "bfloat16"
   if bf16_pv and not v_codes_bf16:  # the quantization pass can write these directly
     v_t = jnp.swapaxes(v_t, -1, -2).astype(jnp.bfloat16)
@@ -733,10 +743,12 @@ def flashq_prefill(
   return o
 
 
-def flashq_prefill_reference(*args, **kwargs):
+def flashq_prefill_reference(*args, block_sizes: BlockSizes | None = None, **kwargs):
   """``flashq_prefill``'s inputs (V transposed, as the Triton kernel's) through
-  ``reference.flashq_prefill_reference``: the Triton kernel's reference adapter."""
-  return gpu_flashq_prefill.flashq_prefill_reference(*args, **kwargs)
+  ``reference.flashq_prefill_reference``: the Triton kernel's reference adapter,
+  with P quantized or not as ``block_sizes.quantize_p`` says."""
+  quantize_p = block_sizes is None or block_sizes.quantize_p
+  return gpu_flashq_prefill.flashq_prefill_reference(*args, quantize_p=quantize_p, **kwargs)
 
 
 def main(argv=None):

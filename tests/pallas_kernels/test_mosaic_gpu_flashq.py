@@ -96,6 +96,14 @@ CASES = {
         dict(b=1, hq=2, hk=1, tq=200, tk=256, d=64, block_k=64),
         dict(sas="exact", out_dtype="bfloat16", out_layout="bthd", q_lengths=[150],
              p_rounding="nearest_even", pv_dtype="bfloat16")),
+    "exact_bf16_p_causal_kvlen_gqa_residuals": (
+        dict(b=2, hq=4, hk=2, tq=256, tk=384, d=128, block_k=128),
+        dict(sas="exact", causal=True, kv_lengths=[384, 0], return_residuals=True,
+             pv_dtype="bfloat16", quantize_p=False)),
+    "bf16_bf16_p_d64_bk64_bthd_bf16_out": (
+        dict(b=1, hq=2, hk=1, tq=200, tk=256, d=64, block_k=64),
+        dict(sas="bf16", out_dtype="bfloat16", out_layout="bthd", q_lengths=[150],
+             pv_dtype="bfloat16", quantize_p=False)),
 }
 # Small enough for the CPU interpreter (one to two CTAs, a few key tiles).
 INTERPRET_CASES = {
@@ -113,6 +121,10 @@ INTERPRET_CASES = {
         dict(b=1, hq=1, hk=1, tq=128, tk=256, d=128, block_k=128),
         dict(sas="f32", causal=True, kv_lengths=[200], return_residuals=True,
              pv_dtype="bfloat16")),
+    "exact_bf16_p_d64_bk64_offset": (
+        dict(b=1, hq=1, hk=1, tq=128, tk=128, d=64, block_k=64),
+        dict(sas="exact", causal=True, query_offset=16, return_residuals=True,
+             pv_dtype="bfloat16", quantize_p=False)),
 }
 
 
@@ -124,15 +136,17 @@ def run_case(shape: dict, call: dict, *, interpret) -> dict:
   convert = kw.pop("convert", "magic")
   p_rounding = kw.pop("p_rounding", "half_up")
   pv_dtype = kw.pop("pv_dtype", "int8")
+  quantize_p = kw.pop("quantize_p", True)
   for name in ("kv_lengths", "q_lengths"):
     if name in kw:
       kw[name] = jnp.asarray(kw[name], jnp.int32)
   if "out_dtype" in kw:
     kw["out_dtype"] = jnp.dtype(kw["out_dtype"])
   block_sizes = mf.BlockSizes(block_k=shape["block_k"], convert=convert,
-                              p_rounding=p_rounding, pv_dtype=pv_dtype)
+                              p_rounding=p_rounding, pv_dtype=pv_dtype,
+                              quantize_p=quantize_p)
   out = mf.flashq_prefill(*args, block_sizes=block_sizes, interpret=interpret, **kw)
-  ref = mf.flashq_prefill_reference(*args, **kw)
+  ref = mf.flashq_prefill_reference(*args, block_sizes=block_sizes, **kw)
   errs = {}
   if kw.get("return_residuals"):
     (out, (m, l)), (ref, (m_ref, l_ref)) = out, ref
@@ -233,14 +247,15 @@ def test_lowers_for_cuda(head_dim, block_k, causal, kv_lengths, sas, p_rounding)
   assert any(f"@{t}(" in text for t in mf.compat.MOSAIC_GPU_CUSTOM_CALL_TARGETS), text[:500]
 
 
-def test_bf16_pv_lowers_for_cuda_from_bf16_v_codes():
+@pytest.mark.parametrize("quantize_p", [True, False])
+def test_bf16_pv_lowers_for_cuda_from_bf16_v_codes(quantize_p):
   """The API's bf16 P.V path: V's codes arrive as bf16 [B, Hk, Tk, D]."""
   s = jax.ShapeDtypeStruct
   args = _abstract_args(tk=384)[:4] + (s((1, 1, 384, 128), jnp.bfloat16),
                                         s((1, 1, 3), jnp.float32))
   kw = dict(sas=SAS_EXACT, causal=True, out_dtype=jnp.bfloat16, out_layout="bthd",
             block_sizes=mf.BlockSizes(block_k=128, p_rounding="nearest_even",
-                                      pv_dtype="bfloat16"))
+                                      pv_dtype="bfloat16", quantize_p=quantize_p))
   exported = jax.export.export(jax.jit(lambda *a: mf.flashq_prefill(*a, **kw)),
                                platforms=["cuda"])(*args)
   text = exported.mlir_module()
@@ -276,8 +291,20 @@ def test_block_sizes():
                                    device_kind="cpu").block_k == 128
   assert mf.BlockSizes.get_default(head_dim=64, seq_len_q=100, seq_len_k=320,
                                    device_kind="cpu").block_k == 64
+  # The H200 has its own Mosaic entry; other kernels fall back to the H100's.
+  tuned = mf.tuned_block_sizes
+  h200 = mf.BlockSizes.get_default(head_dim=128, seq_len_q=4096, seq_len_k=16384,
+                                   device_kind=tuned.H200)
+  assert (h200.quantize_p, h200.max_concurrent_steps) == (False, 3)
+  h100 = mf.BlockSizes.get_default(head_dim=128, seq_len_q=4096, seq_len_k=4096,
+                                   device_kind=tuned.H100_SXM)
+  assert (h100.quantize_p, h100.pv_dtype) == (True, "bfloat16")
+  decode = dict(kernel="flashq_decode", dtype="int4", head_dim=128, seq_len=8192)
+  assert (tuned.lookup(device_kind=tuned.H200, **decode)
+          == tuned.lookup(device_kind=tuned.H100_SXM, **decode) is not None)
+  assert tuned.lookup(device_kind="NVIDIA A100-SXM4-80GB", **decode) is None
   for bad in (dict(block_q=128), dict(block_k=256), dict(max_concurrent_steps=1),
-              dict(convert="fast"), dict(p_rounding="down")):
+              dict(convert="fast"), dict(p_rounding="down"), dict(quantize_p=False)):
     with pytest.raises(ValueError):
       mf.BlockSizes(**bad)
 
