@@ -74,6 +74,8 @@ _MEMORY_REGISTERS = 40
 _COMPUTE_REGISTERS = 232
 # TMA copies move a multiple of 128 bytes (one per thread of a warpgroup).
 _META_WIDTH = 32
+_MAX_SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
+_SMEM_ALIGN_SLACK = 8 * 1024  # room for the buffers' alignment and the barriers
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,7 +87,9 @@ class BlockSizes:
       Only 64 (one wgmma M) is supported.
     block_k: keys per tile; also the V scale tile, so the dispatcher must
       quantize V with this block (call ``get_default`` before quantizing).
-    max_concurrent_steps: depth of the K/V shared-memory ring (>= 2).
+    max_concurrent_steps: depth of the K/V shared-memory ring (>= 2); fewer
+      slots are used where shared memory cannot hold them next to this call's
+      output tile (``ring_depth``).
     convert: "magic" converts int32 <-> f32 exactly with a bit cast and an add
       (FMA/ALU pipes); "cvt" with hardware conversions (I2F/F2I, a quarter of
       the FP32 rate, shared with exp2). Same results.
@@ -573,6 +577,19 @@ def _prefill_kernel(
       plgpu.barrier_wait(v_consumed.at[slot])
 
 
+def ring_depth(block_sizes: BlockSizes, *, head_dim: int, num_k_tiles: int, out_dtype,
+               return_residuals: bool) -> int:
+  """K/V ring slots: ``max_concurrent_steps``, fewer where shared memory is short."""
+  bf16_pv = block_sizes.pv_dtype == "bfloat16"
+  rows = NUM_COMPUTE_WGS * block_sizes.block_q
+  fixed = rows * (head_dim + 4 + head_dim * jnp.dtype(out_dtype).itemsize
+                  + (0 if bf16_pv else block_sizes.block_k) + (8 if return_residuals else 0))
+  fixed += (NUM_COMPUTE_WGS + 1) * _META_WIDTH * 4 + _SMEM_ALIGN_SLACK
+  per_step = (block_sizes.block_k * (head_dim * (3 if bf16_pv else 2) + 4) + _META_WIDTH * 4)
+  fits = (_MAX_SMEM_BYTES - fixed) // per_step
+  return max(1, min(block_sizes.max_concurrent_steps, fits, num_k_tiles))
+
+
 def _swizzle(row_bytes: int) -> int:
   for swizzle in (128, 64, 32):
     if row_bytes % swizzle == 0:
@@ -667,8 +684,8 @@ def flashq_prefill(
     pad = ((0, 0), (0, 0), (0, tq_pad - tq))
     q = jnp.pad(q, pad + ((0, 0),))
     q_scale = jnp.pad(q_scale, pad)
-  steps = min(block_sizes.max_concurrent_steps, n_v_tiles)
-  steps = max(steps, 1)
+  steps = ring_depth(block_sizes, head_dim=d, num_k_tiles=n_v_tiles, out_dtype=out_dtype,
+                     return_residuals=return_residuals)
 
   offset, q_len, kv_len = gpu_flashq_prefill.row_bounds(
       query_offset, q_lengths, kv_lengths, b=b, tq=tq, tk=tk)

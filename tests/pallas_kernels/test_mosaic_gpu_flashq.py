@@ -17,6 +17,7 @@ each other. The interpreter cases therefore run in one subprocess with
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zlib
@@ -303,6 +304,12 @@ def test_block_sizes():
   assert (tuned.lookup(device_kind=tuned.H200, **decode)
           == tuned.lookup(device_kind=tuned.H100_SXM, **decode) is not None)
   assert tuned.lookup(device_kind="NVIDIA A100-SXM4-80GB", **decode) is None
+  # A 3-deep ring of bf16 V tiles fits next to a bf16 output tile, not an f32 one.
+  three = mf.BlockSizes(pv_dtype="bfloat16", max_concurrent_steps=3)
+  depth = functools.partial(mf.ring_depth, three, head_dim=128, return_residuals=True)
+  assert depth(num_k_tiles=32, out_dtype=jnp.bfloat16) == 3
+  assert depth(num_k_tiles=32, out_dtype=jnp.float32) == 2
+  assert depth(num_k_tiles=1, out_dtype=jnp.bfloat16) == 1
   for bad in (dict(block_q=128), dict(block_k=256), dict(max_concurrent_steps=1),
               dict(convert="fast"), dict(p_rounding="down"), dict(quantize_p=False)):
     with pytest.raises(ValueError):

@@ -89,9 +89,13 @@ def _gpu_prefill(kernel, block_k: int, query, key, value, extras: Extras, call: 
         kv_lengths=extras.key_value_seq_lengths, per_token=config.per_token_scales,
         layout="bthd", v_codes_dtype=v_codes_dtype, interpret=config.interpret))
 
-  return prefill_with(functools.partial(kernel, interpret=config.interpret), quantize,
-                      query, key, value, extras, call, block_q=config.block_q,
-                      block_k=block_k, sas=gpu_prefill.fast_sas_params(config.sas_params()))
+  # The kernels write the [B, Tq, N, H] output in the query's dtype themselves.
+  out_dtype = query.dtype if query.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+  kernel = functools.partial(kernel, interpret=config.interpret, out_layout="bthd",
+                             out_dtype=out_dtype)
+  return prefill_with(kernel, quantize, query, key, value, extras, call, block_q=config.block_q,
+                      block_k=block_k, sas=gpu_prefill.fast_sas_params(config.sas_params()),
+                      kernel_writes_bthd=True)
 
 
 def triton_prefill(query, key, value, extras: Extras, call: Call):

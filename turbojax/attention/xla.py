@@ -37,12 +37,15 @@ def prefill_extras(extras: Extras, *, b, tq, tk, tq_pad, tk_pad, log2_base):
 
 
 def prefill_with(kernel, quantize, query, key, value, extras: Extras, call: Call, *,
-                 block_q: int, block_k: int, sas: SASParams | None = None):
-  """Quantize -> ``kernel`` -> ``[B, Tq, N, H]`` f32, NaN where non-finite inputs reach.
+                 block_q: int, block_k: int, sas: SASParams | None = None,
+                 kernel_writes_bthd: bool = False):
+  """Quantize -> ``kernel`` -> ``[B, Tq, N, H]``, NaN where non-finite inputs reach.
 
   ``quantize(query, key, value)`` returns the kernel's six INT8 inputs;
   ``kernel`` takes them plus the ``flashq_prefill_reference`` keywords.
   ``sas`` overrides the config's exponent (a backend's measured choice).
+  ``kernel_writes_bthd``: the kernel returns ``[B, Tq, N, H]`` itself (no
+  transpose of an f32 ``[B, N, Tq, H]`` after it).
   """
   config = call.config
   b, tq = query.shape[0], query.shape[1]
@@ -54,7 +57,10 @@ def prefill_with(kernel, quantize, query, key, value, extras: Extras, call: Call
   out = kernel(*inputs, sas=sas or config.sas_params(), causal=call.is_causal,
                query_offset=extras.query_offset, q_lengths=q_lengths, kv_lengths=kv_lengths,
                local_window=call.local_window, **masks)
-  out = jnp.where(nonfinite_rows(inputs, tq)[..., None], jnp.nan, out[:, :, :tq])
+  bad_rows = nonfinite_rows(inputs, tq)
+  if kernel_writes_bthd:
+    return jnp.where(jnp.swapaxes(bad_rows, 1, 2)[..., None], jnp.nan, out[:, :tq])
+  out = jnp.where(bad_rows[..., None], jnp.nan, out[:, :, :tq])
   return jnp.transpose(out, (0, 2, 1, 3))
 
 
