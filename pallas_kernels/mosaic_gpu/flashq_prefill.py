@@ -27,7 +27,9 @@ laid out like JAX's FlashAttention-3 example (``attention_mgpu``):
   ``BlockSizes(pv_dtype="bfloat16")`` (tuned on for H100) P.V is instead a bf16
   wgmma on the same integer codes (exact in bf16): P from registers, V's codes
   as bf16, accumulating into ``acc`` in place (``acc`` kept in units of the
-  tile's ``p_scale * v_scale``, the ratio folded into the ``alpha`` rescale);
+  tile's ``p_scale * v_scale``, the ratio folded into the ``alpha`` rescale),
+  and with ``quantize_p=False`` (tuned on for the H200) P enters that wgmma as
+  bf16 values instead of INT8 codes;
 * the two compute warpgroups ping-pong through a schedule barrier, so one
   warpgroup's softmax overlaps the other's matmuls.
 

@@ -79,7 +79,7 @@ def _gpu_prefill(kernel, block_k: int, query, key, value, extras: Extras, call: 
   kernel's key tile; or V's codes in bf16 for a bf16 P.V), then ``kernel`` with
   the exp2 exponent (on H100 19% faster than the SAS polynomial in the Triton
   kernel, and the fastest Mosaic GPU variant: gpu_notes.md,
-  mosaic_gpu_notes.md); P quantization stays on."""
+  mosaic_gpu_notes.md); P quantization as the kernel's tuned ``BlockSizes`` say."""
   config = call.config
 
   def quantize(query, key, value):
