@@ -81,7 +81,8 @@ def _asm(ptx: str, args, dtype, constraints: str):
 
 
 def _scale_of(absmax, *, interpret: bool = True):
-  """``(scale, rcp)``: ``scale = absmax / 127`` IEEE-rounded (1 where absmax is 0).
+  """``(scale, rcp)``: ``scale = absmax / 127`` IEEE-rounded (1 where absmax is 0,
+  NaN where it is NaN: ``_absmax`` marks non-finite tiles so).
 
   ``rcp = RN(1 / scale)`` feeds ``_codes`` in compiled kernels (``None`` in
   interpret mode and the reference, which divide). Compiled, the scale is the
@@ -91,13 +92,20 @@ def _scale_of(absmax, *, interpret: bool = True):
   if interpret:  # IEEE division (the barrier stops XLA:CPU's reciprocal multiply)
     scale = absmax / jax.lax.optimization_barrier(
         jnp.full(jnp.shape(absmax), INT8_MAX, jnp.float32))
-    return jnp.where(absmax > 0, scale, 1.0), None
+    return jnp.where(absmax == 0, 1.0, scale), None
   scale = _asm(_QUOTIENT_PTX + "mov.f32 $0, q; ",
                [absmax, jnp.float32(INT8_MAX), jnp.float32(_RCP_INT8_MAX)],
                jnp.float32, "=f,f,f,f")
   # absmax = inf: the remainder is inf - inf = NaN, the IEEE quotient inf.
-  scale = jnp.where(absmax > 0, jnp.where(absmax < jnp.inf, scale, absmax), 1.0)
+  scale = jnp.where(absmax == 0, 1.0, jnp.where(absmax < jnp.inf, scale, absmax))
   return scale, _asm("rcp.rn.f32 $0, $1; ", [scale], jnp.float32, "=f,f")
+
+
+def _absmax(x, axis):
+  """``max(|x|)`` over ``axis``, NaN where ``x`` holds a NaN or an inf. Triton's
+  max drops NaN (``maxnumf``), so a sum of ``x * 0`` (0, or NaN for NaN/inf)
+  carries them into the scale, where ``nonfinite_rows`` finds them."""
+  return jnp.max(jnp.abs(x), axis=axis) + jnp.sum(x * 0.0, axis=axis)
 
 
 def _codes(x, scale, rcp, *, interpret: bool):
@@ -127,7 +135,7 @@ def _qk_kernel(
     t = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
     valid = t < len_ref[()]
     x = jnp.where(valid[:, None], x - mean_ref[...][None, :], 0.0)
-  absmax = jnp.max(jnp.abs(x), axis=-1)
+  absmax = _absmax(x, -1)
   if not per_token:  # one scale per block, kept as a [block] vector (no scalars)
     absmax = jnp.broadcast_to(jnp.max(absmax), (block,))
   scale, rcp = _scale_of(absmax, interpret=interpret)             # [block]
@@ -142,7 +150,7 @@ def _v_kernel(
     scale_ref,   # [] f32
     *, interpret: bool):
   x = x_ref[...].astype(jnp.float32)
-  absmax = jnp.max(jnp.max(jnp.abs(x), axis=-1)).reshape(1, 1)   # [1, 1]: asm needs arrays
+  absmax = jnp.max(_absmax(x, -1)).reshape(1, 1)   # [1, 1]: asm needs arrays
   scale, rcp = _scale_of(absmax, interpret=interpret)
   codes = _codes(x, scale, rcp, interpret=interpret)
   codes_ref[...] = codes.T if codes_ref.dtype == jnp.int8 else codes.astype(codes_ref.dtype)
@@ -324,11 +332,11 @@ def quantize_qkv_reference(q, k, v, *, block_q: int, block_k: int, sm_scale: flo
     b, h, t, d = x.shape
     x = jnp.pad(x, ((0, 0), (0, 0), (0, -t % block), (0, 0)))
     if per_token:
-      scale, _ = _scale_of(jnp.max(jnp.abs(x), axis=-1))          # [B, H, T]
+      scale, _ = _scale_of(_absmax(x, -1))                         # [B, H, T]
       full = scale
     else:
       tiles = x.reshape(b, h, -1, block, d)
-      scale, _ = _scale_of(jnp.max(jnp.abs(tiles), axis=(-2, -1)))  # [B, H, T/block]
+      scale, _ = _scale_of(_absmax(tiles, (-2, -1)))               # [B, H, T/block]
       full = jnp.repeat(scale, block, axis=-1)
     # IEEE division (XLA:CPU would multiply by a reciprocal of a broadcast).
     divisor = jax.lax.optimization_barrier(jnp.broadcast_to(full[..., None], x.shape))
