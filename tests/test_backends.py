@@ -4,7 +4,10 @@ Same inputs through ``implementation="mosaic_tpu"``/``"triton"`` and ``"xla"``
 (with the kernel's key tile, so the quantization is identical) agree.
 """
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,6 +15,13 @@ import turbojax
 from pallas_kernels.gpu import flashq_prefill as gpu_prefill
 from pallas_kernels.tpu import flashq_prefill as tpu_prefill
 from turbojax.testing import random_qkv, relative_error
+
+# Jitted, as users run them: eager dispatch compiles every op of the
+# quantization and reference paths on its own, and dominated these tests' time
+# (eager calls through the API: test_api.py, test_attention.py).
+attention = jax.jit(turbojax.dot_product_attention,
+                    static_argnames=("is_causal", "config", "implementation"))
+decode = jax.jit(turbojax.decode_attention, static_argnames=("implementation",))
 
 
 def _kernel_block_k(impl, q, k):
@@ -35,8 +45,8 @@ def test_prefill_matches_xla(impl, bound, causal):
   lengths = np.array([201])
   kwargs = dict(is_causal=causal, key_value_seq_lengths=lengths, query_offset=150 * causal,
                 config=config)
-  out = turbojax.dot_product_attention(q, k, v, implementation=impl, **kwargs)
-  ref = turbojax.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+  out = attention(q, k, v, implementation=impl, **kwargs)
+  ref = attention(q, k, v, implementation="xla", **kwargs)
   assert relative_error(out, ref) <= bound
   exact = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
                                        is_causal=False) if not causal else None
@@ -44,16 +54,23 @@ def test_prefill_matches_xla(impl, bound, causal):
     assert relative_error(out, exact) <= 2.5e-2
 
 
+@functools.cache
+def _decode_case(int2_heads):
+  """Query, cache and the XLA decode of it: shared by both kernels' cases."""
+  q, k, v = random_qkv(1, 2, 3, 150, 8, 2, 64)
+  config = turbojax.TurboConfig(interpret=True, int2_heads=int2_heads)
+  cache = jax.jit(lambda c, k, v: c.update(k, v))(
+      turbojax.QuantizedKVCache.init(2, 192, 2, 64, config), k, v)
+  return q, cache, decode(q, cache, implementation="xla")
+
+
 @pytest.mark.parametrize("impl, bound", [("mosaic_tpu", 1e-5), ("triton", 1e-2)])
 @pytest.mark.parametrize("int2_heads", [0, 1])
 def test_decode_matches_xla(impl, bound, int2_heads):
   """TPU walks the tiles in order like the reference (equal); the GPU kernel splits
   the keys (flash-decoding), so its P tiles see a split-local max: close, not equal."""
-  q, k, v = random_qkv(1, 2, 3, 150, 8, 2, 64)
-  config = turbojax.TurboConfig(interpret=True, int2_heads=int2_heads)
-  cache = turbojax.QuantizedKVCache.init(2, 192, 2, 64, config).update(k, v)
-  out = turbojax.decode_attention(q, cache, implementation=impl)
-  ref = turbojax.decode_attention(q, cache, implementation="xla")
+  q, cache, ref = _decode_case(int2_heads)
+  out = decode(q, cache, implementation=impl)
   assert relative_error(out, ref) <= bound
 
 
@@ -67,3 +84,19 @@ def test_unsupported_features_fall_back_to_xla():
                                          implementation=["triton", "xla"])
   ref = turbojax.dot_product_attention(q, k, v, config=config, implementation="xla")
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
+def test_triton_prefill_propagates_nan_rows(interpret):
+  """Non-finite inputs reach exactly their rows, as on ``"xla"``: the GPU
+  quantization kernel's scales carry them (Triton's max drops NaN), and the
+  kernels' in-place [B, T, N, H] output keeps them."""
+  q, k, v = random_qkv(3, 1, 70, 70, 4, 2, 64)
+  config = turbojax.TurboConfig(interpret=interpret)
+  out = attention(q.at[0, 3, 0, 5].set(jnp.nan), k, v, implementation="triton", config=config)
+  assert out.dtype == q.dtype
+  bad_rows = np.isnan(np.asarray(out)).any(-1)[0]
+  assert bad_rows[3, 0] and bad_rows.sum() == 1
+  out = attention(q, k.at[0, 10, 1, 0].set(jnp.inf), v, implementation="triton", config=config)
+  bad = np.isnan(np.asarray(out)).any(-1)[0]
+  assert bad[:, 2:].all() and not bad[:, :2].any()  # query heads 2, 3 read KV head 1
