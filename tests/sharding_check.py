@@ -25,8 +25,10 @@ assert MANUAL in text, "the kernels must run under shard_map"
 np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-6)
 print("prefill sharded == unsharded", float(jnp.max(jnp.abs(sharded - single))))
 
-cache = turbojax.QuantizedKVCache.init(4, 128, 4, 64).update(k, v)
-single = turbojax.decode_attention(q[:, -1:], cache)
+# The single-device references run jitted too (eagerly, each op compiles alone).
+fill = jax.jit(lambda c, k, v: c.update(k, v))
+cache = fill(turbojax.QuantizedKVCache.init(4, 128, 4, 64), k, v)
+single = jax.jit(turbojax.decode_attention)(q[:, -1:], cache)
 with jax.set_mesh(mesh):
   sharded = jax.jit(turbojax.decode_attention)(q[:, -1:], cache)
   assert MANUAL in jax.jit(turbojax.decode_attention).lower(q[:, -1:], cache).as_text()
@@ -36,7 +38,7 @@ print("decode sharded == unsharded")
 # A one-token update packs a group (63 cached + 1) with the append_token kernel
 # (interpreted here), mapped over the batch shards.
 cache = turbojax.QuantizedKVCache.init(4, 128, 4, 64, turbojax.TurboConfig(interpret=True))
-cache = cache.update(k[:, :63], v[:, :63])
+cache = fill(cache, k[:, :63], v[:, :63])
 step = jax.jit(lambda c, k, v: c.update(k, v))
 single = step(cache, k[:, 63:64], v[:, 63:64])
 with jax.set_mesh(mesh):

@@ -67,10 +67,13 @@ def test_fuzz_against_float_reference(seed, tq, tk, heads, causal, dtype, with_l
   hq, hk = heads
   q, k, v = random_qkv(seed, 2, tq, tk, hq, hk, 64, dtype=jnp.dtype(dtype))
   lengths = jnp.array([tk, max(1, tk // 2)]) if with_lengths else None
-  out = turbojax.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths)
+  # Jitted: each example is a new shape, and one compilation of the whole
+  # function costs about half of eager op-by-op dispatch (eager low-precision
+  # inputs: test_attention.py::test_low_precision_inputs).
+  out = attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths)
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  ref = turbojax.dot_product_attention(*f32, is_causal=causal, key_value_seq_lengths=lengths,
-                                       config=turbojax.TurboConfig(exact=True))
+  ref = attention(*f32, is_causal=causal, key_value_seq_lengths=lengths,
+                  config=turbojax.TurboConfig(exact=True))
   assert out.dtype == q.dtype and np.all(np.isfinite(np.asarray(out, np.float32)))
   bound = 2.5e-2 if dtype == "float32" else 3.5e-2  # bf16/f16 outputs round once more
   if tk == 1 or (causal and tq == 1):

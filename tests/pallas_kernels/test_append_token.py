@@ -21,16 +21,18 @@ G = 64
 
 
 def random_arrays(seed: int, bits: int, *, batch=4, heads=2, head_dim=128, capacity=256):
-  """Random packed arrays, window and new token of one bit width."""
-  ks = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
+  """Random packed arrays, window and new token of one bit width (drawn with
+  NumPy: eager ``jax.random`` compiled each draw and took several times the
+  kernel's own time)."""
+  rng = np.random.default_rng(seed)
   width = head_dim * bits // 8
   n_v = head_dim // min(G, head_dim)
 
   def ints(shape, lo, hi, dtype):
-    return jax.random.randint(next(ks), shape, lo, hi).astype(dtype)
+    return jnp.asarray(rng.integers(lo, hi, shape), dtype)
 
   def scales(shape):
-    return jax.random.uniform(next(ks), shape, minval=0.01, maxval=1.0).astype(jnp.bfloat16)
+    return jnp.asarray(rng.uniform(0.01, 1.0, shape), jnp.bfloat16)
 
   b, h, t = batch, heads, capacity
   packed = PackedKV(
@@ -66,7 +68,8 @@ class TestAppendTokenInterpret:
     lengths, kept = CASES[case]
     out = at.append_token(packed, window, token, lengths, kept, bits=bits, group=G,
                           interpret=self.INTERPRET)
-    ref = at.append_token_reference(packed, window, token, lengths, kept, bits=bits, group=G)
+    ref = jax.jit(at.append_token_reference, static_argnames=("bits", "group"))(
+        packed, window, token, lengths, kept, bits=bits, group=G)
     assert_trees_equal(out, ref)
     # Only the sequence whose last slot was filled changes its packed arrays.
     packs = np.asarray((lengths % G == G - 1) & (kept > 0))

@@ -75,6 +75,11 @@ def prefill_inputs(seed, *, b, hq, hk, tq, tk, d, block_k, logit_scale=3.0):
   return q, q_scale, k, k_scale, v_t, v_scale
 
 
+# Jitted: eagerly, quantizing each new cache shape cost more than the kernel.
+_pack_cache = jax.jit(pack_cache, static_argnames=("bits", "group"))
+_int8_window = jax.jit(int8_window)
+
+
 @functools.cache
 def make_cache(seed, *, b, h, t, d, bits, group, zero_empty_residual=False,
                lengths=None):
@@ -82,8 +87,8 @@ def make_cache(seed, *, b, h, t, d, bits, group, zero_empty_residual=False,
   tokens per channel, V along channels per token) and an INT8 residual."""
   rng = np.random.default_rng(seed)
   normal = lambda n: jnp.asarray(rng.normal(size=(b, h, n, d)), jnp.float32)  # noqa: E731
-  packed = pack_cache(normal(t), normal(t), bits=bits, group=group)
-  rk, rk_scale, rv, rv_scale = int8_window(normal(group), normal(group))
+  packed = _pack_cache(normal(t), normal(t), bits=bits, group=group)
+  rk, rk_scale, rv, rv_scale = _int8_window(normal(group), normal(group))
   if zero_empty_residual:  # unfilled ring slots: zero codes and zero scales
     filled = (jnp.arange(group)[None, :] < (jnp.asarray(lengths) % group)[:, None])
     filled = filled[:, None, :]

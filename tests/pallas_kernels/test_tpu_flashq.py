@@ -44,10 +44,18 @@ def _rel_err(out, ref):
 # --- Quantized inputs ----------------------------------------------------------
 
 
+_int8_per_token_jit = jax.jit(int8_per_token)
+
+
 def _int8_per_token(x):
   """NumPy view of ``turbojax.testing.int8_per_token``: int32 codes, bf16 scales."""
-  codes, scale = int8_per_token(jnp.asarray(x))
+  codes, scale = _int8_per_token_jit(jnp.asarray(x))
   return np.asarray(codes, np.int32), np.asarray(scale)
+
+
+# Jitted: eagerly, quantizing each new cache shape cost as much as the kernel.
+_pack_cache = jax.jit(pack_cache, static_argnames=("bits", "group"))
+_int8_window = jax.jit(int8_window)
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,9 +68,9 @@ def make_cache(seed, batch, heads, capacity, head_dim, *, bits, group):
   k, v = (jnp.asarray(rng.standard_normal((batch, heads, capacity, head_dim), np.float32))
           for _ in range(2))
   r_shape = (batch, heads, group, head_dim)
-  residual = int8_window(*(jnp.asarray(rng.standard_normal(r_shape, np.float32))
-                           for _ in range(2)))
-  return (pack_cache(k, v, bits=bits, group=group), residual,
+  residual = _int8_window(*(jnp.asarray(rng.standard_normal(r_shape, np.float32))
+                            for _ in range(2)))
+  return (_pack_cache(k, v, bits=bits, group=group), residual,
           (_int8_per_token(k)[0], _int8_per_token(v)[0]))
 
 
