@@ -57,11 +57,10 @@ def prefill_with(kernel, quantize, query, key, value, extras: Extras, call: Call
   out = kernel(*inputs, sas=sas or config.sas_params(), causal=call.is_causal,
                query_offset=extras.query_offset, q_lengths=q_lengths, kv_lengths=kv_lengths,
                local_window=call.local_window, **masks)
-  bad_rows = nonfinite_rows(inputs, tq)
-  if kernel_writes_bthd:
-    return jnp.where(jnp.swapaxes(bad_rows, 1, 2)[..., None], jnp.nan, out[:, :tq])
-  out = jnp.where(bad_rows[..., None], jnp.nan, out[:, :, :tq])
-  return jnp.transpose(out, (0, 2, 1, 3))
+  if not kernel_writes_bthd:
+    out = jnp.transpose(out, (0, 2, 1, 3))
+  bad_rows = jnp.swapaxes(nonfinite_rows(inputs, tq), 1, 2)  # [B, Tq, N]
+  return jnp.where(bad_rows[..., None], jnp.nan, out[:, :tq])
 
 
 def quantize_with_blocks(config, block_q: int, block_k: int, scale: float,
