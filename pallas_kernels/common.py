@@ -138,3 +138,10 @@ def stage2_to_int8(codes, scale2, zero):
   """``stage2_decode`` saturated to INT8 ``[-127, 127]`` (the nearest INT8 value)."""
   x = stage2_decode(codes, scale2, zero)
   return jnp.clip(x, -INT8_MAX_INT, INT8_MAX_INT).astype(jnp.int8)
+
+
+def finite_rows(scale):
+  """``isfinite(scale)`` as ``scale - scale == 0`` (NaN for NaN and inf), which
+  every backend lowers: kernels NaN the output rows whose query scale is not
+  finite, the caller's way of marking rows that NaN/inf inputs reach."""
+  return scale - scale == 0.0

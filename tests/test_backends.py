@@ -86,17 +86,21 @@ def test_unsupported_features_fall_back_to_xla():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
 
-@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
-def test_triton_prefill_propagates_nan_rows(interpret):
+@pytest.mark.parametrize("implementation, interpret", [
+    ("triton", True), pytest.param("triton", False, marks=pytest.mark.gpu),
+    pytest.param("mosaic_gpu", False, marks=pytest.mark.gpu)])
+def test_gpu_prefill_propagates_nan_rows(implementation, interpret):
   """Non-finite inputs reach exactly their rows, as on ``"xla"``: the GPU
   quantization kernel's scales carry them (Triton's max drops NaN), and the
-  kernels' in-place [B, T, N, H] output keeps them."""
+  kernels NaN the rows whose query scale the dispatch marked."""
   q, k, v = random_qkv(3, 1, 70, 70, 4, 2, 64)
   config = turbojax.TurboConfig(interpret=interpret)
-  out = attention(q.at[0, 3, 0, 5].set(jnp.nan), k, v, implementation="triton", config=config)
+  out = attention(q.at[0, 3, 0, 5].set(jnp.nan), k, v, implementation=implementation,
+                  config=config)
   assert out.dtype == q.dtype
   bad_rows = np.isnan(np.asarray(out)).any(-1)[0]
   assert bad_rows[3, 0] and bad_rows.sum() == 1
-  out = attention(q, k.at[0, 10, 1, 0].set(jnp.inf), v, implementation="triton", config=config)
+  out = attention(q, k.at[0, 10, 1, 0].set(jnp.inf), v, implementation=implementation,
+                  config=config)
   bad = np.isnan(np.asarray(out)).any(-1)[0]
   assert bad[:, 2:].all() and not bad[:, :2].any()  # query heads 2, 3 read KV head 1

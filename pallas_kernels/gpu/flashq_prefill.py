@@ -198,7 +198,9 @@ def _prefill_kernel(
 
   row_valid = row0 + jnp.arange(block_q, dtype=jnp.int32) < q_len
   out = reference.finalize(reference.SoftmaxState(m=m, l=l, acc=acc))
-  o_ref[...] = jnp.where(row_valid[:, None], out, 0.0).astype(o_ref.dtype)
+  out = jnp.where(row_valid[:, None], out, 0.0)
+  out = jnp.where(common.finite_rows(q_scale)[:, None], out, jnp.nan)
+  o_ref[...] = out.astype(o_ref.dtype)
   if residual_refs:
     m_ref, l_ref = residual_refs
     m_ref[...] = jnp.where(row_valid, m, common.MASKED_MAX)
@@ -273,8 +275,8 @@ def flashq_prefill(
     out_layout: "bhtd" ([B, Hq, Tq, D]) or "bthd" ([B, Tq, Hq, D], the
       ``jax.nn.dot_product_attention`` layout, written in place).
   Returns:
-    [B, Hq, Tq, D] ``out_dtype`` (rows with no visible key are 0) and, with
-    ``return_residuals``, ``(m, l)`` f32 [B, Hq, Tq] in the exponent's units.
+    [B, Hq, Tq, D] ``out_dtype`` (rows with no visible key are 0, rows whose
+    ``q_scale`` is NaN/inf are NaN) and, with ``return_residuals``, ``(m, l)`` f32 [B, Hq, Tq] in the exponent's units.
   """
   b, hq, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]

@@ -104,7 +104,8 @@ def _scale_of(absmax, *, interpret: bool = True):
 def _absmax(x, axis):
   """``max(|x|)`` over ``axis``, NaN where ``x`` holds a NaN or an inf. Triton's
   max drops NaN (``maxnumf``), so a sum of ``x * 0`` (0, or NaN for NaN/inf)
-  carries them into the scale, where ``nonfinite_rows`` finds them."""
+  carries them into the scale, which makes the rows they reach NaN
+  (``turbojax.attention.prepare.poison_nonfinite_kv``)."""
   return jnp.max(jnp.abs(x), axis=axis) + jnp.sum(x * 0.0, axis=axis)
 
 

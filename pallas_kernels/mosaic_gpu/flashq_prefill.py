@@ -4,7 +4,8 @@ The algorithm of ``pallas_kernels.reference.flashq_prefill_reference`` (same
 entry-point contract as ``pallas_kernels.gpu.flashq_prefill``: V transposed),
 laid out like JAX's FlashAttention-3 example (``attention_mgpu``):
 
-* one CTA per (query head, 2 * ``block_q`` query rows, batch), three
+* one CTA per (query head, 2 * ``block_q`` query rows, batch; causal: query
+  blocks in reverse, so the CTAs with the most key tiles start first), three
   warpgroups: two compute warpgroups of ``block_q`` = 64 rows each and one
   memory warpgroup that streams K/V tiles (with their scales) through a
   ``max_concurrent_steps``-deep ring of shared-memory slots with TMA;
@@ -334,7 +335,8 @@ def _prefill_kernel(
     scratch,
     *, sas: SASParams, causal: bool, static_full: bool, block_q: int,
     block_k: int, num_k_tiles: int, steps: int, groups: int, out_layout: str,
-    convert: str, p_rounding: str, pv_dtype: str, quantize_p: bool, interpret: bool):
+    convert: str, p_rounding: str, pv_dtype: str, quantize_p: bool, num_q_blocks: int,
+    interpret: bool):
   # pv_dtype "bfloat16": ``v_t_ref`` / ``v_t_smem`` hold V's codes as bf16 [.., Tk, D],
   # v_scale arrives with K, and there is no P scratch.
   (q_smem, q_scale_smem, meta_smem, k_smem, k_scale_smem, v_t_smem,
@@ -344,7 +346,10 @@ def _prefill_kernel(
   q_head = lax.axis_index("heads")
   kv_head = lax.div(q_head, jnp.int32(groups))
   wg = lax.axis_index("wg")
-  cta_row0 = lax.axis_index("q_seq") * (NUM_COMPUTE_WGS * block_q)
+  q_block = lax.axis_index("q_seq")
+  if causal:  # CTAs start in grid order: the longest key ranges first (2% at T4096)
+    q_block = num_q_blocks - 1 - q_block
+  cta_row0 = q_block * (NUM_COMPUTE_WGS * block_q)
   head_dim = q_ref.shape[-1]
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   col_layout = plgpu.Layout.WGMMA.reduce(0)
@@ -503,11 +508,12 @@ def _prefill_kernel(
       acc = acc * _rows(unit, acc.shape)
     pl.when(wg == 0)(schedule)
 
-    # acc / l, 0 for rows that saw no key or lie past q_len (never NaN).
+    # acc / l, 0 for rows that saw no key or lie past q_len, NaN where q_scale is not finite.
     _, q_len, _ = meta
     rows = row0 + iota((block_q,), 0, row_layout)
     valid = (rows < q_len) & (l != 0.0)
     inv_l = jnp.where(valid, 1.0 / jnp.where(valid, l, 1.0), 0.0)
+    inv_l = jnp.where(common.finite_rows(q_scale), inv_l, jnp.nan)
     out = acc * _rows(inv_l, acc.shape)
     o_smem_wg[...] = out.astype(o_smem.dtype)
     if m_smem is not None:
@@ -642,8 +648,8 @@ def flashq_prefill(
     out_layout: "bhtd" ([B, Hq, Tq, D]) or "bthd" ([B, Tq, Hq, D], the
       ``jax.nn.dot_product_attention`` layout, written in place).
   Returns:
-    [B, Hq, Tq, D] ``out_dtype`` (rows with no visible key are 0) and, with
-    ``return_residuals``, ``(m, l)`` f32 [B, Hq, Tq] in the exponent's units.
+    [B, Hq, Tq, D] ``out_dtype`` (rows with no visible key are 0, rows whose
+    ``q_scale`` is NaN/inf are NaN) and, with ``return_residuals``, ``(m, l)`` f32 [B, Hq, Tq] in the exponent's units.
   """
   if plgpu is None:  # pragma: no cover
     raise NotImplementedError("jax.experimental.pallas.mosaic_gpu is unavailable")
@@ -710,7 +716,8 @@ def flashq_prefill(
       block_q=block_q, block_k=block_k, num_k_tiles=n_v_tiles, steps=steps,
       groups=hq // hk, out_layout=out_layout, convert=block_sizes.convert,
       p_rounding=block_sizes.p_rounding, pv_dtype=block_sizes.pv_dtype,
-      quantize_p=block_sizes.quantize_p, interpret=bool(interpret))
+      quantize_p=block_sizes.quantize_p, num_q_blocks=tq_pad // cta_rows,
+      interpret=bool(interpret))
   bf16_pv = block_sizes.pv_dtype == "bfloat16"
   if bf16_pv and not v_codes_bf16:  # the quantization pass can write these directly
     v_t = jnp.swapaxes(v_t, -1, -2).astype(jnp.bfloat16)

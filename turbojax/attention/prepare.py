@@ -100,19 +100,21 @@ def quantize_for_prefill(query, key, value, *, config: TurboConfig, block_q: int
   return PrefillInputs(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale)
 
 
-def nonfinite_rows(inputs: PrefillInputs, tq: int) -> jax.Array:
-  """bool ``[B, Hq, Tq]``: rows that NaN/inf inputs reach.
+def poison_nonfinite_kv(inputs: PrefillInputs) -> PrefillInputs:
+  """``inputs`` with ``q_scale`` NaN on every row of a KV head whose K or V
+  scale is not finite, so that the rows NaN/inf inputs reach are exactly the
+  rows with a non-finite ``q_scale`` (conservatively: masks are not consulted).
 
-  A query row whose scale is not finite, and every row of a KV head with a
-  non-finite K or V scale (conservatively: masks are not consulted). The
-  scales carry non-finite inputs (see ``quantize_int8_sym``), but a backend's
-  max reductions need not propagate NaN, so the dispatch makes it explicit.
+  The scales carry non-finite inputs (see ``quantize_int8_sym``), but a
+  kernel's max reductions need not propagate NaN, so the dispatch makes the
+  rows explicit: the GPU kernels NaN a row whose ``q_scale`` is not finite,
+  ``prefill_with`` does it after the others.
   """
-  hq = inputs.q_scale.shape[1]
-  hk = inputs.k_scale.shape[1]
+  hq, hk = inputs.q_scale.shape[1], inputs.k_scale.shape[1]
   bad_kv = (jnp.any(~jnp.isfinite(inputs.k_scale), axis=-1)
             | jnp.any(~jnp.isfinite(inputs.v_scale), axis=-1))  # [B, Hk]
-  return ~jnp.isfinite(inputs.q_scale[:, :, :tq]) | jnp.repeat(bad_kv, hq // hk, axis=1)[..., None]
+  bad = jnp.repeat(bad_kv, hq // hk, axis=1)[..., None]
+  return inputs._replace(q_scale=jnp.where(bad, jnp.nan, inputs.q_scale))
 
 
 def decode_with(kernel, query, cache: QuantizedKVCache, call: Call, sas=None):

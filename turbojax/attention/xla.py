@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from pallas_kernels import reference
 from pallas_kernels.sas import SASParams
 from turbojax.attention.base import Backend, Call, Extras
-from turbojax.attention.prepare import (decode_with, nonfinite_rows, pad_axis,
+from turbojax.attention.prepare import (decode_with, pad_axis, poison_nonfinite_kv,
                                        quantize_for_prefill)
 
 
@@ -38,18 +38,19 @@ def prefill_extras(extras: Extras, *, b, tq, tk, tq_pad, tk_pad, log2_base):
 
 def prefill_with(kernel, quantize, query, key, value, extras: Extras, call: Call, *,
                  block_q: int, block_k: int, sas: SASParams | None = None,
-                 kernel_writes_bthd: bool = False):
+                 gpu_kernel: bool = False):
   """Quantize -> ``kernel`` -> ``[B, Tq, N, H]``, NaN where non-finite inputs reach.
 
   ``quantize(query, key, value)`` returns the kernel's six INT8 inputs;
   ``kernel`` takes them plus the ``flashq_prefill_reference`` keywords.
   ``sas`` overrides the config's exponent (a backend's measured choice).
-  ``kernel_writes_bthd``: the kernel returns ``[B, Tq, N, H]`` itself (no
-  transpose of an f32 ``[B, N, Tq, H]`` after it).
+  ``gpu_kernel``: the kernel returns ``[B, Tq, N, H]`` itself and NaNs the
+  rows whose ``q_scale`` is not finite (the GPU kernels), which saves a
+  transpose and a select over the whole output.
   """
   config = call.config
   b, tq = query.shape[0], query.shape[1]
-  inputs = quantize(query, key, value)
+  inputs = poison_nonfinite_kv(quantize(query, key, value))
   q_lengths, kv_lengths, bias, mask = prefill_extras(
       extras, b=b, tq=tq, tk=key.shape[1], tq_pad=block_q, tk_pad=block_k,
       log2_base=config.log2_base)
@@ -57,10 +58,10 @@ def prefill_with(kernel, quantize, query, key, value, extras: Extras, call: Call
   out = kernel(*inputs, sas=sas or config.sas_params(), causal=call.is_causal,
                query_offset=extras.query_offset, q_lengths=q_lengths, kv_lengths=kv_lengths,
                local_window=call.local_window, **masks)
-  if not kernel_writes_bthd:
-    out = jnp.transpose(out, (0, 2, 1, 3))
-  bad_rows = jnp.swapaxes(nonfinite_rows(inputs, tq), 1, 2)  # [B, Tq, N]
-  return jnp.where(bad_rows[..., None], jnp.nan, out[:, :tq])
+  if gpu_kernel:
+    return out[:, :tq]
+  bad_rows = ~jnp.isfinite(jnp.swapaxes(inputs.q_scale[:, :, :tq], 1, 2))  # [B, Tq, N]
+  return jnp.where(bad_rows[..., None], jnp.nan, jnp.transpose(out, (0, 2, 1, 3))[:, :tq])
 
 
 def quantize_with_blocks(config, block_q: int, block_k: int, scale: float,
