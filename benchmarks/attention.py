@@ -17,6 +17,7 @@ carries the relative error against float32 exact attention on the same inputs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 
@@ -68,12 +69,17 @@ def prefill_suite(args) -> list[dict]:
           softmax_scale=args.head_dim**-0.5))
       quant_ms = common.time_fn(quant, q, k, v, repeats=args.repeats)["ms"]
       base_ms = None
-      for impl in args.impls:
+      runs = [(impl, scales) for impl in args.impls
+              for scales in ((None,) if impl in BASELINES else args.scales)]
+      for impl, scales in runs:
         row = {"suite": "prefill", "impl": impl, "batch": args.batch, "seq": seq,
                "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                "causal": causal}
+        if scales is not None:
+          row["scales"] = scales
         try:
-          fn = _impl_fn(impl, config, is_causal=causal)
+          fn = _impl_fn(impl, dataclasses.replace(config, per_token_scales=scales == "token"),
+                        is_causal=causal)
           timing = common.time_fn(fn, q, k, v, repeats=args.repeats)
         except Exception as e:  # a missing backend is a row, not a crash
           row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -165,6 +171,9 @@ def main(argv=None):
                       help="KV heads for prefill")
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--causal", choices=("true", "false", "both"), default="both")
+  parser.add_argument("--scales", nargs="+", choices=("token", "block"), default=["token"],
+                      help="prefill INT8 scales of Q/K: per token (default config) and/or "
+                           "per block (per_token_scales=False)")
   parser.add_argument("--batch-decode", type=int, default=32 if on_gpu else 2)
   parser.add_argument("--cache-len", type=int, default=8192 if on_gpu else 1024)
   parser.add_argument("--kv-heads-decode", type=int, default=8 if on_gpu else 2)
@@ -182,8 +191,8 @@ def main(argv=None):
     rows += prefill_suite(args)
     print("\nprefill (bf16 inputs; turbojax times include quantization)")
     common.print_table([r for r in rows if r["suite"] == "prefill"], [
-        ("impl", "impl", "s"), ("seq", "seq", "d"), ("causal", "causal", ""),
-        ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".1f"), ("quant_ms_xla", "quant ms", ".3f"),
+        ("impl", "impl", "s"), ("scales", "scales", "s"), ("seq", "seq", "d"),
+        ("causal", "causal", ""), ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".1f"), ("quant_ms_xla", "quant ms", ".3f"),
         ("speedup_vs_cudnn", "vs cuDNN", ".2f"), ("relerr", "rel err", ".2e")])
   if args.suite in ("decode", "all"):
     decode_rows = decode_suite(args)
