@@ -20,9 +20,11 @@ class TurboConfig:
     block_k: key/value tokens per INT8 scale and per key tile. Pallas
       backends may use their tuned tile instead (the scale follows the tile).
     per_token_scales: one INT8 scale per Q and K token instead of per block
-      of ``block_q``/``block_k`` tokens. Kernels scale logit rows and columns
-      anyway, so this costs nothing there, and with outlier channels in K it
-      cuts the error (4.6e-2 -> 3.6e-2 on the design's outlier data).
+      of ``block_q``/``block_k`` tokens. With outlier channels in K it cuts
+      the error (4.6e-2 -> 3.6e-2 on the design's outlier data, whose bound is
+      4e-2). Block scales (False) let the Mosaic GPU kernel fold K's scale into
+      its exponent: ~11% faster there (1.12x cuDNN at 16k causal on an H200,
+      against 0.98x; ``benchmarks/results/mosaic_gpu_notes.md``).
     smooth_k: subtract K's per-channel mean before quantizing (SageAttention);
       softmax is invariant to it.
     sas_threshold: ``n_r``: weights of scores more than ``n_r`` (natural-log
