@@ -276,7 +276,8 @@ def flashq_prefill(
       ``jax.nn.dot_product_attention`` layout, written in place).
   Returns:
     [B, Hq, Tq, D] ``out_dtype`` (rows with no visible key are 0, rows whose
-    ``q_scale`` is NaN/inf are NaN) and, with ``return_residuals``, ``(m, l)`` f32 [B, Hq, Tq] in the exponent's units.
+    ``q_scale`` is NaN/inf are NaN) and, with ``return_residuals``,
+    ``(m, l)`` f32 [B, Hq, Tq] in the exponent's units.
   """
   b, hq, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]

@@ -694,7 +694,8 @@ def flashq_prefill(
       ``jax.nn.dot_product_attention`` layout, written in place).
   Returns:
     [B, Hq, Tq, D] ``out_dtype`` (rows with no visible key are 0, rows whose
-    ``q_scale`` is NaN/inf are NaN) and, with ``return_residuals``, ``(m, l)`` f32 [B, Hq, Tq] in the exponent's units.
+    ``q_scale`` is NaN/inf are NaN) and, with ``return_residuals``,
+    ``(m, l)`` f32 [B, Hq, Tq] in the exponent's units.
   """
   if plgpu is None:  # pragma: no cover
     raise NotImplementedError("jax.experimental.pallas.mosaic_gpu is unavailable")
