@@ -192,8 +192,9 @@ def main(argv=None):
     print("\nprefill (bf16 inputs; turbojax times include quantization)")
     common.print_table([r for r in rows if r["suite"] == "prefill"], [
         ("impl", "impl", "s"), ("scales", "scales", "s"), ("seq", "seq", "d"),
-        ("causal", "causal", ""), ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".1f"), ("quant_ms_xla", "quant ms", ".3f"),
-        ("speedup_vs_cudnn", "vs cuDNN", ".2f"), ("relerr", "rel err", ".2e")])
+        ("causal", "causal", ""), ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".1f"),
+        ("quant_ms_xla", "quant ms", ".3f"), ("speedup_vs_cudnn", "vs cuDNN", ".2f"),
+        ("relerr", "rel err", ".2e")])
   if args.suite in ("decode", "all"):
     decode_rows = decode_suite(args)
     rows += decode_rows
