@@ -249,20 +249,9 @@ def online_softmax(m_old, t, keep, q_scale, sas: SASParams, convert: str = "magi
   ``None``."""
   if keep is not None:
     t = jnp.where(keep, t, common.MASKED_MAX)
-  t_max = t.max(axis=1)
-  m_new = jnp.maximum(m_old, t_max)
-  alpha = sas_exp(q_scale * m_new - q_scale * m_old, sas, convert, guard).astype(jnp.float32)
-  qm = q_scale * m_new
-  p_max = None
-  if sas.exact and sas.base == 2.0:
-    p = jnp.exp2(t * _rows(q_scale, t.shape) - _rows(qm, t.shape))
-    p_max = jnp.exp2(t_max * q_scale - qm)
-  else:
-    p = sas_exp(_rows(qm, t.shape) - t * _rows(q_scale, t.shape), sas, convert,
-                guard).astype(jnp.float32)
-  if keep is not None:
-    p = jnp.where(keep, p, 0.0)
-  return m_new, alpha, p, p_max
+  return _update(m_old, t.max(axis=1),
+                 lambda qm: t * _rows(q_scale, t.shape) - _rows(qm, t.shape),
+                 keep, q_scale, sas, convert, guard)
 
 
 def online_softmax_tile_scale(m_old, s, keep, q_scale, k_scale, sas: SASParams,
@@ -283,15 +272,25 @@ def online_softmax_tile_scale(m_old, s, keep, q_scale, k_scale, sas: SASParams,
     b = jnp.where(keep, b, 0.0)  # below every valid b (>= 2**22)
   b_max = b.max(axis=1)
   t_max = jnp.where(b_max > 0.0, (b_max - _MAGIC_F) * k_scale, common.MASKED_MAX)
+  c = q_scale * k_scale
+  return _update(m_old, t_max,
+                 lambda qm: b * _rows(c, b.shape) - _rows(c * _MAGIC_F + qm, b.shape),
+                 keep, q_scale, sas, convert, guard)
+
+
+def _update(m_old, t_max, exponent_arg, keep, q_scale, sas: SASParams, convert: str,
+            guard: bool):
+  """The online-softmax step shared by both logit forms: the new max, ``alpha``,
+  and ``p`` from ``exponent_arg(q_scale * m_new)``, the per-logit argument
+  ``q_scale * (t - m_new) <= 0``."""
   m_new = jnp.maximum(m_old, t_max)
   alpha = sas_exp(q_scale * m_new - q_scale * m_old, sas, convert, guard).astype(jnp.float32)
-  c = q_scale * k_scale
-  shift = c * _MAGIC_F + q_scale * m_new
-  arg = b * _rows(c, b.shape) - _rows(shift, b.shape)  # q_scale * (t - m_new) <= 0
+  qm = q_scale * m_new
+  arg = exponent_arg(qm)
   p_max = None
   if sas.exact and sas.base == 2.0:
     p = jnp.exp2(arg)
-    p_max = jnp.exp2(q_scale * (t_max - m_new))
+    p_max = jnp.exp2(t_max * q_scale - qm)
   else:
     p = sas_exp(-arg, sas, convert, guard).astype(jnp.float32)
   if keep is not None:
