@@ -171,9 +171,9 @@ def main(argv=None):
                       help="KV heads for prefill")
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--causal", choices=("true", "false", "both"), default="both")
-  parser.add_argument("--scales", nargs="+", choices=("token", "block"), default=["token"],
-                      help="prefill INT8 scales of Q/K: per token (default config) and/or "
-                           "per block (per_token_scales=False)")
+  parser.add_argument("--scales", nargs="+", choices=("token", "block"), default=["block"],
+                      help="prefill INT8 scales of Q/K: per block (default config) and/or "
+                           "per token (per_token_scales=True)")
   parser.add_argument("--batch-decode", type=int, default=32 if on_gpu else 2)
   parser.add_argument("--cache-len", type=int, default=8192 if on_gpu else 1024)
   parser.add_argument("--kv-heads-decode", type=int, default=8 if on_gpu else 2)

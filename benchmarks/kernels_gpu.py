@@ -150,7 +150,7 @@ def prefill_section(args):
     sas_names = (["exp2"] if args.final and n_config >= 2 else list(SAS_CHOICES))
     quant = jax.jit(functools.partial(
         qz.quantize_qkv, block_q=bs.block_q, block_k=bs.block_k, sm_scale=sm_scale,
-        log2e_fold=True, smooth_k=True, per_token=True, layout="bthd", interpret=SMOKE))
+        log2e_fold=True, smooth_k=True, k_per_token=True, layout="bthd", interpret=SMOKE))
     rq = safe(timeit)(quant, q, k, v, iters=args.iters, repeats=args.repeats)
     if rq is None:
       continue

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import turbojax
+from pallas_kernels.gpu.quantize import channel_stats_reference
+from turbojax.attention import prepare
 from turbojax.attention.exact import structured_keep
 from turbojax.testing import random_qkv, relative_error, row_errors
 
@@ -143,3 +145,41 @@ def test_prequantized_qarray_inputs():
   out = turbojax.dot_product_attention(qq, kq, vq)
   assert out.dtype == jnp.float32
   assert relative_error(out, ref) <= 2.5e-2
+
+
+# --- K's outlier channels moved into Q (config.qk_migration) -------------------------------
+
+
+def test_migration_scale_is_exact_and_balances_channels():
+  q, k, _ = random_qkv(4, 1, 16, 32, 4, 2, 64, k_outliers=True)
+  q = q.at[0, 0, 0, 5].set(jnp.inf)  # non-finite inputs leave their channel alone
+  _, k_absmax = channel_stats_reference(k, smooth=True, layout="bthd")
+  _, q_absmax = channel_stats_reference(q, smooth=False, layout="bthd")
+  s = prepare.migration_scale(q_absmax, k_absmax)
+  assert s.shape == (1, 2, 64)
+  np.testing.assert_array_equal(s, jnp.exp2(jnp.round(jnp.log2(s))))  # powers of two
+  assert np.all(s[0, 0, 5] == 1) and np.all(s[:, :, :4] >= 2)        # K's 6x channels move
+  group_s = jnp.repeat(s, 2, axis=1)[:, None]
+  np.testing.assert_array_equal((q * group_s) / group_s, q)          # exact both ways
+  np.testing.assert_array_equal((k / s[:, None]) * s[:, None], k)
+  # Afterwards K's and Q's channel maxima are within a factor of 2 of each other.
+  q_absmax = jnp.max(jnp.abs(q * group_s), axis=1).reshape(1, 2, 2, 64).max(axis=2)
+  ratio = (k_absmax / s) / q_absmax
+  moved = ratio[ratio > 0]  # not the channel with Q's inf
+  assert moved.size == 127 and np.all((moved >= 0.5) & (moved <= 2.0))
+
+
+@pytest.mark.parametrize("per_token_scales", [False, True])
+def test_migration_cuts_the_outlier_error(per_token_scales):
+  """Block scales meet the design's outlier bound only with migration."""
+  q, k, v = random_qkv(0, 1, 256, 512, 4, 4, 128, k_outliers=True)
+  ref = jax.nn.dot_product_attention(q, k, v)
+
+  def err(migrate):
+    config = turbojax.TurboConfig(qk_migration=migrate, per_token_scales=per_token_scales)
+    return relative_error(turbojax.dot_product_attention(q, k, v, config=config), ref)
+
+  with_migration, without = err(True), err(False)
+  print(f"{per_token_scales=}: {with_migration:.2e} with migration, {without:.2e} without")
+  assert with_migration <= 0.8 * without
+  assert with_migration <= 4e-2

@@ -24,13 +24,16 @@ attention = jax.jit(turbojax.dot_product_attention,
 decode = jax.jit(turbojax.decode_attention, static_argnames=("implementation",))
 
 
-def _kernel_block_k(impl, q, k):
+def _kernel_blocks(impl, q, k):
+  """``(block_q, block_k)``: the tiles the backend quantizes Q and K/V with."""
   if impl == "mosaic_tpu":
-    return tpu_prefill.BlockSizes.get_default(
+    bs = tpu_prefill.BlockSizes.get_default(
         head_dim=q.shape[-1], seq_len_q=q.shape[1], seq_len_k=k.shape[1],
-        num_q_heads_per_kv_head=q.shape[2] // k.shape[2]).block_k
-  return gpu_prefill.BlockSizes.get_default(
-      head_dim=q.shape[-1], seq_len_q=q.shape[1], seq_len_k=k.shape[1]).block_k
+        num_q_heads_per_kv_head=q.shape[2] // k.shape[2])
+    return bs.block_q, bs.block_k
+  bs = gpu_prefill.BlockSizes.get_default(
+      head_dim=q.shape[-1], seq_len_q=q.shape[1], seq_len_k=k.shape[1])
+  return turbojax.TurboConfig().block_q, bs.block_k  # Q in the config's blocks
 
 
 @pytest.mark.parametrize("impl, bound", [("mosaic_tpu", 1e-4), ("triton", 2e-3)])
@@ -40,8 +43,9 @@ def test_prefill_matches_xla(impl, bound, causal):
   choice), so it matches to the polynomial's 1.4e-4 fit error and the P codes
   that flips: close, not equal."""
   q, k, v = random_qkv(0, 1, 100, 250, 8, 2, 64)
-  config = turbojax.TurboConfig(interpret=True, sas_dtype="float32",
-                                block_k=_kernel_block_k(impl, q, k))
+  block_q, block_k = _kernel_blocks(impl, q, k)
+  config = turbojax.TurboConfig(interpret=True, sas_dtype="float32", block_q=block_q,
+                                block_k=block_k)
   lengths = np.array([201])
   kwargs = dict(is_causal=causal, key_value_seq_lengths=lengths, query_offset=150 * causal,
                 config=config)

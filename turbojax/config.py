@@ -16,17 +16,22 @@ class TurboConfig:
 
   Attributes:
     exact: plain float attention through the same entry points (A/B checks).
-    block_q: query tokens per INT8 scale (and the XLA path's query tile).
+    block_q: query tokens per tile of the XLA path (Q's INT8 scales are per
+      token: a per-row factor in every kernel, so they cost nothing).
     block_k: key/value tokens per INT8 scale and per key tile. Pallas
       backends may use their tuned tile instead (the scale follows the tile).
-    per_token_scales: one INT8 scale per Q and K token instead of per block
-      of ``block_q``/``block_k`` tokens. With outlier channels in K it cuts
-      the error (4.6e-2 -> 3.6e-2 on the design's outlier data, whose bound is
-      4e-2). Block scales (False) let the Mosaic GPU kernel fold K's scale into
-      its exponent: ~11% faster there (1.12x cuDNN at 16k causal on an H200,
-      against 0.98x; ``benchmarks/results/mosaic_gpu_notes.md``).
+    per_token_scales: one INT8 scale per K token instead of per block of
+      ``block_k`` keys (the paper's block-wise scales, the default). Block
+      scales let the Mosaic GPU kernel fold K's scale into its exponent: ~10%
+      faster there (``benchmarks/results/mosaic_gpu_notes.md``). Per-token
+      scales cut the error a little (NumPy model of the design's outlier data,
+      with ``qk_migration``: 2.9e-2 -> 2.5e-2).
     smooth_k: subtract K's per-channel mean before quantizing (SageAttention);
       softmax is invariant to it.
+    qk_migration: move K's outlier channels into Q before quantizing
+      (SmoothQuant: per channel, Q times and K divided by a power of two near
+      ``sqrt(max|K| / max|Q|)``; Q.K^T is unchanged). Without it block scales
+      miss the design's 4e-2 bound on K-outlier data (4.6-4.8e-2).
     sas_threshold: ``n_r``: weights of scores more than ``n_r`` (natural-log
       units) below the row max are exactly 0. 8 keeps the error at the level
       of INT8 P quantization (``e^-8 = 3e-4``, below half a step of 1/127).
@@ -49,8 +54,9 @@ class TurboConfig:
   exact: bool = False
   block_q: int = 64
   block_k: int = 64
-  per_token_scales: bool = True
+  per_token_scales: bool = False
   smooth_k: bool = True
+  qk_migration: bool = True
   sas_threshold: float = 8.0
   sas_degree: int = 3
   sas_base: float = 2.0

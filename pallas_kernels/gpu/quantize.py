@@ -3,17 +3,18 @@
 One Pallas Triton pass per tensor turns float activations into exactly the
 inputs of ``flashq_prefill``:
 
-  q:   int8 [B, Hq, Tq, D], q_scale f32 [B, Hq, Tq] (block scale repeated per
-       token, times ``sm_scale`` and ``log2 e`` when folded)
+  q:   int8 [B, Hq, Tq, D], q_scale f32 [B, Hq, Tq] (one scale per token,
+       times ``sm_scale`` and ``log2 e`` when folded)
   k:   int8 [B, Hk, Tk, D] of ``K - mean_valid(K)`` (per channel, when
-       ``smooth_k``), k_scale f32 [B, Hk, Tk]
+       ``smooth_k``), k_scale f32 [B, Hk, Tk] (block scale repeated per token,
+       or one per token)
   v_t: int8 [B, Hk, D, Tk] (transposed in registers), v_scale f32
        [B, Hk, Tk // block_k]
 
 The rule is the library's (``turbojax.quant.quantize_int8_sym``):
 ``scale = absmax / 127`` (1 for an all-zero tile) and
 ``code = clip(round_half_up(x / scale), -127, 127)``, one scale per head and
-block of tokens (or per token). The codes match XLA's IEEE division bit for
+token (Q) or block of tokens (K, or per token; V). The codes match XLA's IEEE division bit for
 bit; compiled kernels get the IEEE quotient from one reciprocal per scale and
 a multiply plus two FMAs an element (Markstein's correction step). The
 per-channel mean of K is one XLA reduction before the kernel (it needs every
@@ -127,6 +128,7 @@ def _qk_kernel(
     len_ref,     # [] int32: valid tokens (smoothing only)
     x_ref,       # [block, D] float
     mean_ref,    # [D] f32 (smoothing only)
+    mul_ref,     # [D] f32 power-of-two channel multipliers (or None)
     codes_ref,   # [block, D] int8
     scale_ref,   # [block] f32
     *, block: int, per_token: bool, factor: float | None, smooth: bool,
@@ -136,6 +138,8 @@ def _qk_kernel(
     t = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
     valid = t < len_ref[()]
     x = jnp.where(valid[:, None], x - mean_ref[...][None, :], 0.0)
+  if mul_ref is not None:
+    x = x * mul_ref[...][None, :]
   absmax = _absmax(x, -1)
   if not per_token:  # one scale per block, kept as a [block] vector (no scalars)
     absmax = jnp.broadcast_to(jnp.max(absmax), (block,))
@@ -185,31 +189,101 @@ def _pad_tokens(x, layout: str, multiple: int):
 
 def key_mean(k, kv_lengths, *, layout: str = "bhtd"):
   """Per-channel mean of K over valid keys, f32 ``[B, H, D]`` (library formula)."""
-  kf = k.astype(jnp.float32)
-  if layout == "bthd":
-    kf = jnp.transpose(kf, (0, 2, 1, 3))
-  b, _, t, _ = kf.shape
-  if kv_lengths is None:
-    valid = jnp.ones((b, t), jnp.bool_)
-  else:
-    valid = jnp.arange(t)[None, :] < jnp.asarray(kv_lengths)[:, None]
-  valid = valid[:, None, :, None]
-  count = jnp.maximum(jnp.sum(valid, axis=2, keepdims=True), 1)
-  return (jnp.sum(jnp.where(valid, kf, 0.0), axis=2, keepdims=True) / count)[:, :, 0]
+  return channel_stats_reference(k, kv_lengths, smooth=True, layout=layout)[0]
 
 
-def _quantize_qk(x, lengths, mean, *, layout, block, per_token, factor, smooth,
+_STATS_ROWS = 64     # tokens per load of the statistics kernel
+_STATS_CHUNK = 512   # tokens per program (at most): enough programs to fill the GPU
+
+
+def _stats_kernel(len_ref, x_ref, sum_ref, max_ref, min_ref, *, chunk: int):
+  """Per-channel sum, max and min of one program's ``chunk`` tokens (valid ones)."""
+  d = x_ref.shape[-1]
+  base = pl.program_id(2) * chunk
+
+  def body(i, carry):
+    total, hi, lo = carry
+    x = x_ref[pl.ds(i * _STATS_ROWS, _STATS_ROWS), :].astype(jnp.float32)
+    t = base + i * _STATS_ROWS + jnp.arange(_STATS_ROWS, dtype=jnp.int32)
+    valid = (t < len_ref[()])[:, None]
+    return (total + jnp.sum(jnp.where(valid, x, 0.0), axis=0),
+            jnp.maximum(hi, jnp.max(jnp.where(valid, x, -jnp.inf), axis=0)),
+            jnp.minimum(lo, jnp.min(jnp.where(valid, x, jnp.inf), axis=0)))
+
+  init = (jnp.zeros((d,), jnp.float32), jnp.full((d,), -jnp.inf, jnp.float32),
+          jnp.full((d,), jnp.inf, jnp.float32))
+  total, hi, lo = jax.lax.fori_loop(0, chunk // _STATS_ROWS, body, init)
+  sum_ref[...], max_ref[...], min_ref[...] = total, hi, lo
+
+
+def _stats_from(total, hi, lo, count, smooth: bool):
+  """``(mean, max |x - mean|)`` from valid-token sums, maxima and minima.
+
+  ``RN(x - mean)`` is monotone in ``x``, so the absmax comes from the max and
+  min exactly as from the centred values themselves.
+  """
+  mean = total / jnp.maximum(count, 1) if smooth else jnp.zeros_like(total)
+  absmax = jnp.maximum(hi - mean, mean - lo)
+  return mean, jnp.where(count > 0, absmax, 0.0)
+
+
+def _lengths(b: int, t: int, lengths):
+  if lengths is None:
+    return jnp.full((b,), t, jnp.int32)
+  return jnp.clip(jnp.asarray(lengths, jnp.int32), 0, t)
+
+
+@functools.partial(jax.jit, static_argnames=("smooth", "layout", "interpret", "debug"))
+def channel_stats(x, lengths=None, *, smooth: bool, layout: str = "bhtd",
+                  interpret: bool = False, debug: bool = False):
+  """Per batch, head and channel over the first ``lengths`` tokens of ``x``:
+  ``(mean, max |x - mean|)``, f32 ``[B, H, D]`` (``mean`` is 0 unless
+  ``smooth``). One pass over ``x``: what K's smoothing and the Q/K channel
+  migration need, at HBM speed (XLA's reductions over the token axis of
+  ``[B, T, H, D]`` ran at ~2 TB/s, one per statistic).
+  """
+  if layout not in _LAYOUTS:
+    raise ValueError(f"{layout=} must be one of {_LAYOUTS}")
+  b, _, t, _ = _dims(x, layout)
+  valid_len = _lengths(b, t, lengths)
+  x = _pad_tokens(x, layout, _STATS_ROWS)
+  _, h, t_pad, d = _dims(x, layout)
+  chunk = _STATS_CHUNK
+  while t_pad % chunk:
+    chunk //= 2
+  splits = t_pad // chunk
+  part = pl.BlockSpec((None, None, None, d), lambda b_, h_, s_: (b_, h_, s_, 0))
+  part_shape = jax.ShapeDtypeStruct((b, h, splits, d), jnp.float32)
+  total, hi, lo = pl.pallas_call(
+      functools.partial(_stats_kernel, chunk=chunk),
+      grid=(b, h, splits),
+      in_specs=[pl.BlockSpec((None,), lambda b_, h_, s_: (b_,)),
+                _to_bhtd_spec(layout, chunk, d)],
+      out_specs=[part, part, part],
+      out_shape=[part_shape] * 3,
+      compiler_params=compat.triton_compiler_params(num_warps=_NUM_WARPS, num_stages=2),
+      interpret=interpret, debug=debug, name=KERNEL_NAME + "_stats",
+  )(valid_len, x)
+  count = valid_len.astype(jnp.float32)[:, None, None]
+  return _stats_from(jnp.sum(total, axis=2), jnp.max(hi, axis=2), jnp.min(lo, axis=2),
+                     count, smooth)
+
+
+def _quantize_qk(x, lengths, mean, channel_mul, *, layout, block, per_token, factor,
                  interpret, debug, name):
+  """``mean``, ``channel_mul``: optional f32 ``[B, Hk, D]`` (Q's heads map to
+  ``Hk`` in groups)."""
   x = _pad_tokens(x, layout, block)
   b, h, t, d = _dims(x, layout)
+  per_channel = [m for m in (mean, channel_mul) if m is not None]
+  group = h // per_channel[0].shape[1] if per_channel else 1
+  channel_spec = pl.BlockSpec((None, None, d), lambda b_, h_, t_: (b_, h_ // group, 0))
   in_specs = [pl.BlockSpec((None,), lambda b_, h_, t_: (b_,)),
-              _to_bhtd_spec(layout, block, d)]
-  if smooth:
-    in_specs.append(pl.BlockSpec((None, None, d), lambda b_, h_, t_: (b_, h_, 0)))
-  else:
-    in_specs.append(None)
+              _to_bhtd_spec(layout, block, d),
+              None if mean is None else channel_spec,
+              None if channel_mul is None else channel_spec]
   kernel = functools.partial(
-      _qk_kernel, block=block, per_token=per_token, factor=factor, smooth=smooth,
+      _qk_kernel, block=block, per_token=per_token, factor=factor, smooth=mean is not None,
       interpret=interpret)
   return pl.pallas_call(
       kernel,
@@ -221,7 +295,7 @@ def _quantize_qk(x, lengths, mean, *, layout, block, per_token, factor, smooth,
                  jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
       compiler_params=compat.triton_compiler_params(num_warps=_NUM_WARPS, num_stages=1),
       interpret=interpret, debug=debug, name=name,
-  )(lengths, x, mean)
+  )(lengths, x, mean, channel_mul)
 
 
 def _quantize_v(x, *, layout, block, codes_dtype, interpret, debug):
@@ -263,14 +337,23 @@ def _check(q, k, v, layout, block_q, block_k):
       raise TypeError(f"{name} must be floating point, got {x.dtype}")
 
 
+def _check_channel_scale(channel_scale, k, layout):
+  if channel_scale is None:
+    return
+  bk, hk, _, d = _dims(k, layout)
+  if channel_scale.shape != (bk, hk, d):
+    raise ValueError(f"channel_scale must be [B, Hk, D] = {(bk, hk, d)}, got "
+                     f"{channel_scale.shape}")
+
+
 @functools.partial(
     jax.jit, static_argnames=(
-        "block_q", "block_k", "sm_scale", "log2e_fold", "smooth_k", "per_token",
+        "block_q", "block_k", "sm_scale", "log2e_fold", "smooth_k", "k_per_token",
         "layout", "v_codes_dtype", "interpret", "debug"))
 def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
                  log2e_fold: bool, smooth_k: bool, kv_lengths=None,
-                 per_token: bool = False, layout: str = "bhtd", k_mean=None,
-                 v_codes_dtype=jnp.int8, interpret: bool = False,
+                 k_per_token: bool = False, layout: str = "bhtd", k_mean=None,
+                 channel_scale=None, v_codes_dtype=jnp.int8, interpret: bool = False,
                  debug: bool = False) -> QuantizedQKV:
   """Float Q/K/V -> ``QuantizedQKV`` (the prefill kernel's INT8 inputs).
 
@@ -283,10 +366,15 @@ def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
       ``log2e_fold``, for the base-2 exponent).
     smooth_k: subtract K's per-channel mean over the first ``kv_lengths`` keys
       (keys past it become 0), as the library does.
-    per_token: one Q/K scale per token instead of per block (V stays per tile).
+    k_per_token: one K scale per token instead of per ``block_k`` keys. Q
+      always gets one per token (a per-row factor in every kernel, so it costs
+      nothing, and a non-finite query stays in its row); V one per tile.
     k_mean: optional f32 [B, Hk, D] mean to subtract (default ``key_mean``);
       pass the one used for the log-sum-exp correction, or one computed on
       another platform (reductions round differently across backends).
+    channel_scale: optional f32 [B, Hk, D] powers of two: Q's channels are
+      multiplied by them, smoothed K's divided (exactly), before quantizing
+      (K's outlier channels moved into Q; Q.K^T is unchanged).
     v_codes_dtype: int8 (``v_t`` transposed, [B, Hk, D, Tk]) or bfloat16
       (the same codes as bf16 [B, Hk, Tk, D], for a bf16 P.V).
   """
@@ -294,10 +382,11 @@ def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
   b = q.shape[0]
   factor = sm_scale * (LOG2_E if log2e_fold else 1.0)
   lengths = jnp.zeros((b,), jnp.int32)
+  _check_channel_scale(channel_scale, k, layout)
+  k_mul = None if channel_scale is None else 1.0 / channel_scale
   q8, q_scale = _quantize_qk(
-      q, lengths, None, layout=layout, block=block_q, per_token=per_token,
-      factor=factor, smooth=False, interpret=interpret, debug=debug,
-      name=KERNEL_NAME + "_q")
+      q, lengths, None, channel_scale, layout=layout, block=block_q, per_token=True,
+      factor=factor, interpret=interpret, debug=debug, name=KERNEL_NAME + "_q")
   if smooth_k:
     tk = _dims(k, layout)[2]
     lengths = (jnp.full((b,), tk, jnp.int32) if kv_lengths is None
@@ -307,9 +396,8 @@ def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
   else:
     mean = None
   k8, k_scale = _quantize_qk(
-      k, lengths, mean, layout=layout, block=block_k, per_token=per_token,
-      factor=None, smooth=smooth_k, interpret=interpret, debug=debug,
-      name=KERNEL_NAME + "_k")
+      k, lengths, mean, k_mul, layout=layout, block=block_k, per_token=k_per_token,
+      factor=None, interpret=interpret, debug=debug, name=KERNEL_NAME + "_k")
   v_t, v_scale = _quantize_v(v, layout=layout, block=block_k, codes_dtype=v_codes_dtype,
                              interpret=interpret, debug=debug)
   return QuantizedQKV(q8, q_scale, k8, k_scale, v_t, v_scale)
@@ -317,8 +405,9 @@ def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
 
 def quantize_qkv_reference(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
                            log2e_fold: bool, smooth_k: bool, kv_lengths=None,
-                           per_token: bool = False, layout: str = "bhtd", k_mean=None,
-                           v_codes_dtype=jnp.int8, interpret: bool = False,
+                           k_per_token: bool = False, layout: str = "bhtd", k_mean=None,
+                           channel_scale=None, v_codes_dtype=jnp.int8,
+                           interpret: bool = False,
                            debug: bool = False) -> QuantizedQKV:
   """Pure-JAX ``quantize_qkv`` (same inputs, same outputs)."""
   del interpret, debug
@@ -344,8 +433,13 @@ def quantize_qkv_reference(q, k, v, *, block_q: int, block_k: int, sm_scale: flo
     codes = jnp.clip(common.round_half_up(x / divisor), -INT8_MAX, INT8_MAX)
     return codes.astype(jnp.int8), scale, full
 
+  _check_channel_scale(channel_scale, k, layout)
   factor = sm_scale * (LOG2_E if log2e_fold else 1.0)
-  q8, _, q_full = quant(bhtd(q), block_q, per_token)
+  qf = bhtd(q).astype(jnp.float32)
+  if channel_scale is not None:
+    group = qf.shape[1] // channel_scale.shape[1]
+    qf = qf * jnp.repeat(channel_scale, group, axis=1)[:, :, None, :]
+  q8, _, q_full = quant(qf, block_q, True)
   kf = bhtd(k).astype(jnp.float32)
   if smooth_k:
     mean = key_mean(k, kv_lengths, layout=layout) if k_mean is None else (
@@ -354,8 +448,24 @@ def quantize_qkv_reference(q, k, v, *, block_q: int, block_k: int, sm_scale: flo
     lengths = jnp.full((kf.shape[0],), tk) if kv_lengths is None else jnp.asarray(kv_lengths)
     valid = (jnp.arange(tk)[None, :] < lengths[:, None])[:, None, :, None]
     kf = jnp.where(valid, kf - mean[:, :, None, :], 0.0)
-  k8, _, k_full = quant(kf, block_k, per_token)
+  if channel_scale is not None:
+    kf = kf * (1.0 / channel_scale)[:, :, None, :]
+  k8, _, k_full = quant(kf, block_k, k_per_token)
   v8, v_scale, _ = quant(bhtd(v), block_k, False)
   v_t = (jnp.swapaxes(v8, -1, -2) if jnp.dtype(v_codes_dtype) == jnp.int8
          else v8.astype(v_codes_dtype))
   return QuantizedQKV(q8, q_full * factor, k8, k_full, v_t, v_scale)
+
+
+def channel_stats_reference(x, lengths=None, *, smooth: bool, layout: str = "bhtd"):
+  """Pure-JAX ``channel_stats`` (XLA reductions; sums round in another order)."""
+  xf = x.astype(jnp.float32)
+  if layout == "bthd":
+    xf = jnp.transpose(xf, (0, 2, 1, 3))
+  b, _, t, _ = xf.shape
+  valid_len = _lengths(b, t, lengths)
+  valid = (jnp.arange(t)[None, :] < valid_len[:, None])[:, None, :, None]
+  total = jnp.sum(jnp.where(valid, xf, 0.0), axis=2)
+  hi = jnp.max(jnp.where(valid, xf, -jnp.inf), axis=2)
+  lo = jnp.min(jnp.where(valid, xf, jnp.inf), axis=2)
+  return _stats_from(total, hi, lo, valid_len.astype(jnp.float32)[:, None, None], smooth)

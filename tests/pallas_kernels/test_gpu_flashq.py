@@ -184,14 +184,18 @@ class TestPrefillInterpret(_PrefillTests):
 # --- quantize ----------------------------------------------------------------------
 
 QUANT_CASES = {
-    "bhtd_block_smooth": dict(layout="bhtd", per_token=False, smooth_k=True, kv_lengths=None),
-    "bhtd_block_smooth_lengths": dict(layout="bhtd", per_token=False, smooth_k=True,
+    "bhtd_block_smooth": dict(layout="bhtd", k_per_token=False, smooth_k=True, kv_lengths=None),
+    "bhtd_block_smooth_lengths": dict(layout="bhtd", k_per_token=False, smooth_k=True,
                                       kv_lengths=(123, 250)),
-    "bthd_per_token_smooth_lengths": dict(layout="bthd", per_token=True, smooth_k=True,
+    "bthd_per_token_smooth_lengths": dict(layout="bthd", k_per_token=True, smooth_k=True,
                                           kv_lengths=(250, 123)),
-    "bthd_block_plain": dict(layout="bthd", per_token=False, smooth_k=False, kv_lengths=None),
-    "bthd_per_token_bf16_v_codes": dict(layout="bthd", per_token=True, smooth_k=True,
+    "bthd_block_plain": dict(layout="bthd", k_per_token=False, smooth_k=False, kv_lengths=None),
+    "bthd_per_token_bf16_v_codes": dict(layout="bthd", k_per_token=True, smooth_k=True,
                                         kv_lengths=None, v_codes_dtype=jnp.bfloat16),
+    "bthd_block_smooth_lengths_migrated": dict(layout="bthd", k_per_token=False, smooth_k=True,
+                                               kv_lengths=(250, 123), channel_scale=True),
+    "bhtd_block_plain_migrated": dict(layout="bhtd", k_per_token=False, smooth_k=False,
+                                      kv_lengths=None, channel_scale=True),
 }
 
 
@@ -217,6 +221,9 @@ class _QuantizeTests(_KernelTest):
     if case["kv_lengths"] is not None:
       case["kv_lengths"] = np.asarray(case["kv_lengths"], np.int32)
     q, k, v = _float_qkv(3, case["layout"])
+    if case.pop("channel_scale", False):  # powers of two [B, Hk, D], Hk = 2
+      case["channel_scale"] = jnp.asarray(
+          2.0 ** np.random.default_rng(7).integers(-3, 4, size=(2, 2, 64)), jnp.float32)
     # The reference runs on the CPU: XLA:GPU's f32 division is not IEEE at exact
     # .5 ties of x / scale (measured on H100: 13 of 65536 codes flip), while the
     # compiled kernel divides with div.rn.f32. Both get the same K mean (a
@@ -232,6 +239,25 @@ class _QuantizeTests(_KernelTest):
     for field, a, r in zip(out._fields, out, ref):
       assert a.shape == r.shape and a.dtype == r.dtype, field
       np.testing.assert_array_equal(np.asarray(a), np.asarray(r), err_msg=field)
+
+  @pytest.mark.parametrize("layout, lengths, smooth, tokens", [
+      ("bthd", (200, 0), True, 250), ("bhtd", None, True, 1536), ("bthd", None, False, 123)])
+  def test_channel_stats(self, layout, lengths, smooth, tokens):
+    """Mean and absmax about it over valid tokens: the maxima exactly, the sums
+    in another order; keys past the lengths (NaN here) never count."""
+    _, k, _ = _float_qkv(6, layout, tk=tokens, dtype=jnp.float32)
+    k = k.at[..., 4:8].multiply(8)
+    if lengths is not None:  # ("bthd" here)
+      k = k.at[0, 200:].set(jnp.nan).at[1, 3:].set(jnp.nan)
+      lengths = jnp.asarray(lengths, jnp.int32)
+    mean, absmax = qz.channel_stats(k, lengths, smooth=smooth, layout=layout,
+                                    interpret=self.INTERPRET)
+    ref_mean, ref_absmax = qz.channel_stats_reference(k, lengths, smooth=smooth, layout=layout)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(absmax, ref_absmax, rtol=1e-6, atol=1e-6)
+    assert np.all(np.isfinite(absmax)) and np.any(absmax > 8)
+    if lengths is not None:
+      assert not np.any(absmax[1]) and not np.any(mean[1])  # no valid key: zeros
 
   def test_feeds_prefill(self):
     """quantize_qkv's output runs through the prefill kernel unchanged."""
@@ -263,14 +289,19 @@ class TestQuantizeInterpret(_QuantizeTests):
     prepare = pytest.importorskip("turbojax.attention.prepare")
     config = pytest.importorskip("turbojax.config").TurboConfig()
     q, k, v = _float_qkv(5, "bthd")
+    k = k.at[..., 4:8].multiply(8)  # channels with a large range (a bias is smoothed away)
     lengths = jnp.asarray([250, 123], jnp.int32)
     lib = prepare.quantize_for_prefill(
         q, k, v, config=config, block_q=64, block_k=64, softmax_scale=0.125,
         key_value_seq_lengths=lengths)
+    k_mean, k_absmax = qz.channel_stats_reference(k, lengths, smooth=True, layout="bthd")
+    _, q_absmax = qz.channel_stats_reference(q, smooth=False, layout="bthd")
+    channel_scale = prepare.migration_scale(q_absmax, k_absmax)
+    assert config.qk_migration and np.any(channel_scale != 1)  # K's biased channels move
     ours = qz.quantize_qkv(q, k, v, block_q=64, block_k=64, sm_scale=0.125,
                            log2e_fold=True, smooth_k=True, kv_lengths=lengths,
-                           per_token=config.per_token_scales, layout="bthd",
-                           interpret=True)
+                           k_per_token=config.per_token_scales, layout="bthd",
+                           k_mean=k_mean, channel_scale=channel_scale, interpret=True)
     pairs = [(ours.q, lib.q), (ours.k, lib.k), (jnp.swapaxes(ours.v_t, -1, -2), lib.v)]
     for a, r in pairs:
       diff = np.abs(np.asarray(a, np.int32) - np.asarray(r, np.int32))
@@ -422,6 +453,20 @@ def test_decode_lowers_for_cuda(head_dim, bits):
   f = functools.partial(fd.flashq_decode, bits=bits, group=g, sas=SAS_BF16)
   _export_cuda(f, S((b, h, m, head_dim), jnp.int8), S((b, h, m), jnp.float32),
                S((b, m), jnp.int32), packed, residual, S((b,), jnp.int32))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_quantization_lowers_for_cuda(head_dim):
+  """The statistics pass and the quantization with migrated channels."""
+  b, hq, hk, t = 2, 8, 2, 1024
+  q, k = S((b, t, hq, head_dim), jnp.bfloat16), S((b, t, hk, head_dim), jnp.bfloat16)
+  _export_cuda(functools.partial(qz.channel_stats, smooth=True, layout="bthd"), k,
+               S((b,), jnp.int32))
+  f = functools.partial(qz.quantize_qkv, block_q=64, block_k=128, sm_scale=0.1,
+                        log2e_fold=True, smooth_k=True, layout="bthd")
+  _export_cuda(f, q, k, k, kv_lengths=S((b,), jnp.int32),
+               k_mean=S((b, hk, head_dim), jnp.float32),
+               channel_scale=S((b, hk, head_dim), jnp.float32))
 
 
 @pytest.mark.parametrize("batch, kv_heads, capacity, splits", [

@@ -314,26 +314,28 @@ def _adversarial_qkv(rng, b=1, h=2, t=128, d=64):
   return (jnp.asarray(x, jnp.bfloat16),) * 3
 
 
-@pytest.mark.parametrize("per_token", [False, True])
-def test_kernels_interpret_on_ties(per_token):
+@pytest.mark.parametrize("k_per_token", [False, True])
+def test_kernels_interpret_on_ties(k_per_token):
   rng = np.random.default_rng(6)
   q, k, v = _adversarial_qkv(rng)
   kw = dict(block_q=64, block_k=64, sm_scale=0.125, log2e_fold=True, smooth_k=False,
-            per_token=per_token)
+            k_per_token=k_per_token)
   out = qz.quantize_qkv(q, k, v, interpret=True, **kw)
   ref = qz.quantize_qkv_reference(q, k, v, **kw)
   for field, a, r in zip(out._fields, out, ref):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(r), err_msg=field)
-  # And the emulated compiled path gives the reference's codes on the same tiles.
-  x = np.asarray(q, F32)
-  tiles = x.reshape(1, 2, 2, 64, 64)
-  absmax = np.max(np.abs(tiles), axis=-1, keepdims=True)
-  if not per_token:
-    absmax = np.max(absmax, axis=-2, keepdims=True)
-  scale, rcp = gpu_scale(absmax)
-  codes = gpu_codes(tiles, scale, rcp).reshape(x.shape)
-  np.testing.assert_array_equal(codes, np.asarray(ref.q))
-  assert np.mean(np.asarray(ref.q) % 2 != 0) > 0.3   # ties did round up (odd codes)
+  # And the emulated compiled path gives the reference's codes on the same tiles
+  # (Q per token; K, unsmoothed here, per tile or per token).
+  for x, per_token, codes_ref in ((q, True, ref.q), (k, k_per_token, ref.k)):
+    x = np.asarray(x, F32)
+    tiles = x.reshape(1, 2, 2, 64, 64)
+    absmax = np.max(np.abs(tiles), axis=-1, keepdims=True)
+    if not per_token:
+      absmax = np.max(absmax, axis=-2, keepdims=True)
+    scale, rcp = gpu_scale(absmax)
+    codes = gpu_codes(tiles, scale, rcp).reshape(x.shape)
+    np.testing.assert_array_equal(codes, np.asarray(codes_ref))
+    assert np.mean(np.asarray(codes_ref) % 2 != 0) > 0.3   # ties did round up (odd codes)
 
 
 def test_smoothed_keys_interpret_on_ties():

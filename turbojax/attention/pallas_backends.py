@@ -21,7 +21,7 @@ from pallas_kernels.gpu import quantize as gpu_quantize
 from pallas_kernels.tpu import flashq_decode as tpu_decode
 from pallas_kernels.tpu import flashq_prefill as tpu_prefill
 from turbojax.attention.base import Backend, Call, Extras
-from turbojax.attention.prepare import PrefillInputs, decode_with
+from turbojax.attention.prepare import PrefillInputs, decode_with, migration_scale
 from turbojax.attention.xla import prefill_with, quantize_with_blocks
 from turbojax.quant import QArray
 
@@ -75,7 +75,8 @@ _triton_decode = _decoder("triton", gpu_decode.flashq_decode, gpu_prefill.fast_s
 def _gpu_prefill(kernel, block_k: int, query, key, value, extras: Extras, call: Call, *,
                  v_codes_dtype=jnp.int8):
   """Both GPU prefill kernels: the fused Triton quantization kernel (int8 codes,
-  per-token scales, smoothed K, V^T with one scale per ``block_k`` keys, the
+  Q's scales per token, K's per block or token, smoothed K with its outlier channels moved
+  into Q (``prepare.migration_scale``), V^T with one scale per ``block_k`` keys, the
   kernel's key tile; or V's codes in bf16 for a bf16 P.V), then ``kernel`` with
   the exp2 exponent (on H100 19% faster than the SAS polynomial in the Triton
   kernel, and the fastest Mosaic GPU variant: gpu_notes.md,
@@ -83,11 +84,20 @@ def _gpu_prefill(kernel, block_k: int, query, key, value, extras: Extras, call: 
   config = call.config
 
   def quantize(query, key, value):
+    lengths = extras.key_value_seq_lengths
+    stats = functools.partial(gpu_quantize.channel_stats, layout="bthd",
+                              interpret=config.interpret)
+    k_mean, channel_scale = None, None
+    if config.smooth_k or config.qk_migration:
+      k_mean, k_absmax = stats(key, lengths, smooth=config.smooth_k)
+      if config.qk_migration:
+        channel_scale = migration_scale(stats(query, smooth=False)[1], k_absmax)
     return PrefillInputs(*gpu_quantize.quantize_qkv(
         query, key, value, block_q=config.block_q, block_k=block_k,
         sm_scale=call.scale, log2e_fold=config.sas_base == 2.0, smooth_k=config.smooth_k,
-        kv_lengths=extras.key_value_seq_lengths, per_token=config.per_token_scales,
-        layout="bthd", v_codes_dtype=v_codes_dtype, interpret=config.interpret))
+        kv_lengths=lengths, k_per_token=config.per_token_scales, layout="bthd",
+        k_mean=k_mean if config.smooth_k else None, channel_scale=channel_scale,
+        v_codes_dtype=v_codes_dtype, interpret=config.interpret))
 
   # The kernels write the [B, Tq, N, H] output in the query's dtype themselves.
   out_dtype = query.dtype if query.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
