@@ -216,10 +216,16 @@ def decode_tile_update(state: SoftmaxState, s, keep, v_codes, v_scale, sas: SASP
       acc=state.acc * alpha[..., None] + pv)
 
 
-def finalize(state: SoftmaxState) -> jax.Array:
-  """``acc / l``, with 0 for rows that saw no key (never NaN)."""
+def finalize(state: SoftmaxState, q_scale=None) -> jax.Array:
+  """``acc / l``, with 0 for rows that saw no key and, given the rows'
+  ``q_scale`` (``[..., rows, 1]``, broadcast against ``acc``), NaN for rows
+  whose scale is not finite: how the dispatch marks the rows that NaN/inf
+  inputs reach (``common.finite_rows``; a kernel's max need not propagate NaN)."""
   l = state.l[..., None]
-  return jnp.where(l == 0, 0.0, state.acc / jnp.where(l == 0, 1.0, l))  # NaN propagates
+  out = jnp.where(l == 0, 0.0, state.acc / jnp.where(l == 0, 1.0, l))
+  if q_scale is None:
+    return out
+  return jnp.where(common.finite_rows(q_scale), out, jnp.nan)
 
 
 def flashq_prefill_reference(
@@ -243,8 +249,9 @@ def flashq_prefill_reference(
     mask: optional bool broadcastable to [B, Hq, Tq, Tk], True keeps.
     quantize_p: P as INT8 codes (default) or rounded to bf16 (``tile_update``).
   Returns:
-    f32 [B, Hq, Tq, D] (rows with no visible key are 0), and with
-    ``return_residuals`` also ``(m, l)`` f32 [B, Hq, Tq].
+    f32 [B, Hq, Tq, D] (rows with no visible key are 0, rows whose ``q_scale``
+    is NaN/inf are NaN), and with ``return_residuals`` also ``(m, l)`` f32
+    [B, Hq, Tq].
   """
   b, hq, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
@@ -290,7 +297,7 @@ def flashq_prefill_reference(
     return state, None
 
   state, _ = jax.lax.scan(body, init_state((b, hk, g, tq), d), xs)
-  out = finalize(state).reshape(b, hq, tq, d)
+  out = finalize(state, qs5[..., None]).reshape(b, hq, tq, d)
   if return_residuals:
     return out, (state.m.reshape(b, hq, tq), state.l.reshape(b, hq, tq))
   return out

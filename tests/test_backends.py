@@ -91,12 +91,12 @@ def test_unsupported_features_fall_back_to_xla():
 
 
 @pytest.mark.parametrize("implementation, interpret", [
-    ("triton", True), pytest.param("triton", False, marks=pytest.mark.gpu),
+    ("triton", True), ("mosaic_tpu", True), pytest.param("triton", False, marks=pytest.mark.gpu),
     pytest.param("mosaic_gpu", False, marks=pytest.mark.gpu)])
-def test_gpu_prefill_propagates_nan_rows(implementation, interpret):
-  """Non-finite inputs reach exactly their rows, as on ``"xla"``: the GPU
-  quantization kernel's scales carry them (Triton's max drops NaN), and the
-  kernels NaN the rows whose query scale the dispatch marked."""
+def test_prefill_propagates_nan_rows(implementation, interpret):
+  """Non-finite inputs reach exactly their rows, as on ``"xla"``: the
+  quantization's scales carry them (the GPU pass's too: Triton's max drops
+  NaN), and the kernels NaN the rows whose query scale the dispatch marked."""
   q, k, v = random_qkv(3, 1, 70, 70, 4, 2, 64)
   config = turbojax.TurboConfig(interpret=interpret)
   out = attention(q.at[0, 3, 0, 5].set(jnp.nan), k, v, implementation=implementation,

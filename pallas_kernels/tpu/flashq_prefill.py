@@ -209,7 +209,7 @@ def _prefill_kernel(
     state = reference.SoftmaxState(
         m=jnp.max(m_sc[...], axis=1), l=jnp.max(l_sc[...], axis=1),
         acc=acc_sc[...])
-    o_ref[...] = reference.finalize(state).reshape(o_ref.shape)
+    o_ref[...] = reference.finalize(state, qs_ref[...].reshape(rows, 1)).reshape(o_ref.shape)
     if return_residuals:
       m_out_ref[...] = m_sc[...].reshape(m_out_ref.shape)
       l_out_ref[...] = l_sc[...].reshape(l_out_ref.shape)

@@ -105,7 +105,7 @@ def _gpu_prefill(kernel, block_k: int, query, key, value, extras: Extras, call: 
                              out_dtype=out_dtype)
   return prefill_with(kernel, quantize, query, key, value, extras, call, block_q=config.block_q,
                       block_k=block_k, sas=gpu_prefill.fast_sas_params(config.sas_params()),
-                      gpu_kernel=True)
+                      bthd_output=True)
 
 
 def triton_prefill(query, key, value, extras: Extras, call: Call):

@@ -129,8 +129,8 @@ def poison_nonfinite_kv(inputs: PrefillInputs) -> PrefillInputs:
 
   The scales carry non-finite inputs (see ``quantize_int8_sym``), but a
   kernel's max reductions need not propagate NaN, so the dispatch makes the
-  rows explicit: the GPU kernels NaN a row whose ``q_scale`` is not finite,
-  ``prefill_with`` does it after the others.
+  rows explicit: every prefill kernel (and the reference) NaNs a row whose
+  ``q_scale`` is not finite.
   """
   hq, hk = inputs.q_scale.shape[1], inputs.k_scale.shape[1]
   bad_kv = (jnp.any(~jnp.isfinite(inputs.k_scale), axis=-1)

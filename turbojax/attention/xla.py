@@ -38,15 +38,15 @@ def prefill_extras(extras: Extras, *, b, tq, tk, tq_pad, tk_pad, log2_base):
 
 def prefill_with(kernel, quantize, query, key, value, extras: Extras, call: Call, *,
                  block_q: int, block_k: int, sas: SASParams | None = None,
-                 gpu_kernel: bool = False):
+                 bthd_output: bool = False):
   """Quantize -> ``kernel`` -> ``[B, Tq, N, H]``, NaN where non-finite inputs reach.
 
   ``quantize(query, key, value)`` returns the kernel's six INT8 inputs;
-  ``kernel`` takes them plus the ``flashq_prefill_reference`` keywords.
-  ``sas`` overrides the config's exponent (a backend's measured choice).
-  ``gpu_kernel``: the kernel returns ``[B, Tq, N, H]`` itself and NaNs the
-  rows whose ``q_scale`` is not finite (the GPU kernels), which saves a
-  transpose and a select over the whole output.
+  ``kernel`` takes them plus the ``flashq_prefill_reference`` keywords and
+  NaNs the rows whose ``q_scale`` is not finite (``poison_nonfinite_kv``
+  marks them). ``sas`` overrides the config's exponent (a backend's measured
+  choice). ``bthd_output``: the kernel writes ``[B, Tq, N, H]`` itself (the GPU
+  kernels), which saves a transpose over the whole output.
   """
   config = call.config
   b, tq = query.shape[0], query.shape[1]
@@ -58,10 +58,7 @@ def prefill_with(kernel, quantize, query, key, value, extras: Extras, call: Call
   out = kernel(*inputs, sas=sas or config.sas_params(), causal=call.is_causal,
                query_offset=extras.query_offset, q_lengths=q_lengths, kv_lengths=kv_lengths,
                local_window=call.local_window, **masks)
-  if gpu_kernel:
-    return out[:, :tq]
-  bad_rows = ~jnp.isfinite(jnp.swapaxes(inputs.q_scale[:, :, :tq], 1, 2))  # [B, Tq, N]
-  return jnp.where(bad_rows[..., None], jnp.nan, jnp.transpose(out, (0, 2, 1, 3))[:, :tq])
+  return out[:, :tq] if bthd_output else jnp.transpose(out, (0, 2, 1, 3))[:, :tq]
 
 
 def quantize_with_blocks(config, block_q: int, block_k: int, scale: float,
