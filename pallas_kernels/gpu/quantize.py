@@ -14,11 +14,12 @@ inputs of ``flashq_prefill``:
 The rule is the library's (``turbojax.quant.quantize_int8_sym``):
 ``scale = absmax / 127`` (1 for an all-zero tile) and
 ``code = clip(round_half_up(x / scale), -127, 127)``, one scale per head and
-token (Q) or block of tokens (K, or per token; V). The codes match XLA's IEEE division bit for
-bit; compiled kernels get the IEEE quotient from one reciprocal per scale and
-a multiply plus two FMAs an element (Markstein's correction step). The
-per-channel mean of K is one XLA reduction before the kernel (it needs every
-key of a head; a grid over tiles keeps the whole GPU busy for the rest).
+token (Q), block of tokens (K, or per token) or key tile (V). The codes match
+XLA's IEEE division bit for bit; compiled kernels get the IEEE quotient from
+one reciprocal per scale and a multiply plus two FMAs an element (Markstein's
+correction step). K's per-channel mean and the channel maxima that move K's
+outlier channels into Q come from ``channel_stats``, one more pass (they need
+every token of a head; a grid over tiles keeps the whole GPU busy for the rest).
 Inputs may be ``[B, H, T, D]`` (``layout="bhtd"``) or the API's ``[B, T, H, D]``
 (``layout="bthd"``), read in place without a transpose pass.
 """
