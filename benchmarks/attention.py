@@ -12,6 +12,7 @@ carries the relative error against float32 exact attention on the same inputs.
   python benchmarks/attention.py --suite all --out benchmarks/results/h100
   python benchmarks/attention.py --suite prefill --seq 4096 16384 --causal both
   python benchmarks/attention.py --suite prefill --impls cudnn triton mosaic_gpu
+  python benchmarks/attention.py --suite prefill --k-outliers   # the outlier-data error
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def prefill_suite(args) -> list[dict]:
   for seq in args.seq:
     for causal in args.causal:
       q, k, v = random_qkv(0, args.batch, seq, seq, args.heads, args.kv_heads, args.head_dim,
-                           jnp.bfloat16)
+                           jnp.bfloat16, k_outliers=args.k_outliers)
       exact = exact_reference(q, k, v, causal) if args.check else None
       flops = common.attention_flops(args.batch, seq, seq, args.heads, args.head_dim, causal)
       quant = jax.jit(functools.partial(
@@ -74,7 +75,7 @@ def prefill_suite(args) -> list[dict]:
       for impl, scales in runs:
         row = {"suite": "prefill", "impl": impl, "batch": args.batch, "seq": seq,
                "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-               "causal": causal}
+               "causal": causal, "k_outliers": args.k_outliers}
         if scales is not None:
           row["scales"] = scales
         try:
@@ -174,6 +175,9 @@ def main(argv=None):
   parser.add_argument("--scales", nargs="+", choices=("token", "block"), default=["block"],
                       help="prefill INT8 scales of Q/K: per block (default config) and/or "
                            "per token (per_token_scales=True)")
+  parser.add_argument("--k-outliers", action="store_true",
+                      help="prefill inputs with the design's K outliers (a channel bias and "
+                           "6x channels; error bound 4e-2) instead of unit-normal ones")
   parser.add_argument("--batch-decode", type=int, default=32 if on_gpu else 2)
   parser.add_argument("--cache-len", type=int, default=8192 if on_gpu else 1024)
   parser.add_argument("--kv-heads-decode", type=int, default=8 if on_gpu else 2)

@@ -15,3 +15,12 @@ def test_attention_cli_smoke(tmp_path):
   assert {r["impl"] for r in rows} == {"jax-xla", "xla"}
   assert all("ms" in r and r["relerr"] < 0.6 for r in rows)
   assert (tmp_path / "r.json").exists() and (tmp_path / "r.csv").exists()
+
+
+def test_attention_cli_reports_the_outlier_error():
+  """``--k-outliers``: the design's K-outlier inputs, within their 4e-2 bound."""
+  rows = attention.main(["--suite", "prefill", "--seq", "256", "--heads", "4", "--kv-heads", "2",
+                         "--repeats", "1", "--causal", "false", "--impls", "xla",
+                         "--k-outliers"])
+  assert [r["k_outliers"] for r in rows] == [True]
+  assert 1e-3 < rows[0]["relerr"] <= 4e-2
