@@ -86,18 +86,21 @@ def quantize_for_prefill(query, key, value, *, config: TurboConfig, block_q: int
 
   Q gets one scale per head and token (a per-row factor in every kernel: free,
   and a non-finite query stays in its row), K one per head and ``block_k``
-  tokens (or per token), V one per head and key tile. Unless pre-quantized, K is smoothed
-  (``config.smooth_k``) and its outlier channels move into Q
-  (``config.qk_migration``, ``migration_scale``); keys past the lengths are 0.
+  tokens (or per token), V one per head and key tile. Unless pre-quantized, K
+  is smoothed (``config.smooth_k``; keys past the lengths become 0) and its
+  outlier channels move into Q (``config.qk_migration``, ``migration_scale``).
   """
-  if not isinstance(key, QArray):
+  migrate = config.qk_migration and not isinstance(query, QArray)
+  if not isinstance(key, QArray) and (config.smooth_k or migrate):
     mean, k_absmax = channel_stats_reference(key, key_value_seq_lengths,
                                              smooth=config.smooth_k, layout="bthd")
-    key = key.astype(jnp.float32) - mean[:, None]
-    if key_value_seq_lengths is not None:
-      valid = jnp.arange(key.shape[1]) < jnp.asarray(key_value_seq_lengths)[:, None]
-      key = jnp.where(valid[:, :, None, None], key, 0.0)
-    if config.qk_migration and not isinstance(query, QArray):
+    key = key.astype(jnp.float32)
+    if config.smooth_k:
+      key = key - mean[:, None]
+      if key_value_seq_lengths is not None:
+        valid = jnp.arange(key.shape[1]) < jnp.asarray(key_value_seq_lengths)[:, None]
+        key = jnp.where(valid[:, :, None, None], key, 0.0)
+    if migrate:
       _, q_absmax = channel_stats_reference(query, smooth=False, layout="bthd")
       s = migration_scale(q_absmax, k_absmax)
       group = query.shape[2] // key.shape[2]
