@@ -75,9 +75,10 @@ _triton_decode = _decoder("triton", gpu_decode.flashq_decode, gpu_prefill.fast_s
 def _gpu_prefill(kernel, block_k: int, query, key, value, extras: Extras, call: Call, *,
                  v_codes_dtype=jnp.int8):
   """Both GPU prefill kernels: the fused Triton quantization kernel (int8 codes,
-  Q's scales per token, K's per block or token, smoothed K with its outlier channels moved
-  into Q (``prepare.migration_scale``), V^T with one scale per ``block_k`` keys, the
-  kernel's key tile; or V's codes in bf16 for a bf16 P.V), then ``kernel`` with
+  Q's scales per token, K's per block or token, smoothed K with its outlier
+  channels moved into Q (``prepare.migration_scale``), V^T with one scale per
+  ``block_k`` keys, the kernel's key tile; or V's codes in bf16 for a bf16
+  P.V), then ``kernel`` with
   the exp2 exponent (on H100 19% faster than the SAS polynomial in the Triton
   kernel, and the fastest Mosaic GPU variant: gpu_notes.md,
   mosaic_gpu_notes.md); P quantization as the kernel's tuned ``BlockSizes`` say."""
@@ -96,7 +97,7 @@ def _gpu_prefill(kernel, block_k: int, query, key, value, extras: Extras, call: 
         query, key, value, block_q=config.block_q, block_k=block_k,
         sm_scale=call.scale, log2e_fold=config.sas_base == 2.0, smooth_k=config.smooth_k,
         kv_lengths=lengths, k_per_token=config.per_token_scales, layout="bthd",
-        k_mean=k_mean if config.smooth_k else None, channel_scale=channel_scale,
+        k_mean=k_mean, channel_scale=channel_scale,
         v_codes_dtype=v_codes_dtype, interpret=config.interpret))
 
   # The kernels write the [B, Tq, N, H] output in the query's dtype themselves.

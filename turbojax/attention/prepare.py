@@ -65,10 +65,10 @@ def migration_scale(q_absmax, k_absmax):
   channel, rounded to a power of two so that both products are exact. K's
   channels with a large range then no longer set every tile's scale: on the
   design's outlier data block scales for K go from 4.6e-2 to 2.8e-2 (NumPy
-  model, 1024 keys, 64-key blocks); unit-normal data is unchanged. ``q_absmax`` ``[B, Hq, H]`` is
-  reduced over each KV head's query heads; channels where either max is 0 or
-  not finite keep ``s = 1``. Inputs: ``quantize.channel_stats``' absmax (K's
-  about its smoothing mean).
+  model, 1024 keys, 64-key blocks); unit-normal data is unchanged.
+  ``q_absmax`` ``[B, Hq, H]`` is reduced over each KV head's query heads;
+  channels where either max is 0 or not finite keep ``s = 1``. Inputs:
+  ``quantize.channel_stats``' absmax (K's about its smoothing mean).
   """
   b, hq, d = q_absmax.shape
   hk = k_absmax.shape[1]
