@@ -1,7 +1,9 @@
 """Attention benchmark CLI: turbojax against jax.nn (cuDNN and XLA) in one run.
 
 Baselines: ``jax.nn.dot_product_attention`` with ``implementation="cudnn"``
-(``cudnn``) or ``"xla"`` (``jax-xla``); other names are turbojax's
+(``cudnn``) or ``"xla"`` (``jax-xla``), and tokamax where it is installed
+(``tokamax-mosaic``, ``tokamax-triton`` in bf16; ``tokamax-int8``, ``tokamax-int4``:
+its Triton kernel on qwix-quantized inputs); other names are turbojax's
 ``implementation=`` values (``triton``, ``mosaic_gpu`` (Hopper+; its decode
 rows run the Triton decode kernel), ``mosaic_tpu``, ``xla``).
 Prefill: ``dot_product_attention`` on bf16 inputs, the quantization pass
@@ -32,14 +34,46 @@ import turbojax  # noqa: E402
 from turbojax.attention.prepare import quantize_for_prefill  # noqa: E402
 from turbojax.testing import random_qkv, relative_error  # noqa: E402
 
-# Baselines are jax.nn's implementations; every other name is a turbojax one.
+# Baselines are jax.nn's implementations and tokamax's; every other name is a turbojax one.
 BASELINES = {"cudnn": "cudnn", "jax-xla": "xla"}
+TOKAMAX = ("tokamax-mosaic", "tokamax-triton", "tokamax-int8", "tokamax-int4")
+
+
+def is_baseline(impl: str) -> bool:
+  return impl in BASELINES or impl in TOKAMAX
+
+
+def tokamax_attention(impl: str, **kwargs):
+  """``(quantize_kv, attend)`` for one of ``TOKAMAX``: ``quantize_kv(k, v)``
+  puts K and V in the format its kernel reads (the KV cache's format in
+  decode), ``attend(q, k, v)`` quantizes Q where that format does and runs the
+  kernel. The quantized formats are those of tokamax's own tests: qwix INT8
+  per token and head for Q, K and V (its INT8 Q.K^T path), INT4 per token and
+  head for K and V. Raises ``ImportError`` where tokamax is not installed."""
+  import qwix  # noqa: PLC0415 (optional baselines)
+  import tokamax  # noqa: PLC0415
+
+  attend = functools.partial(tokamax.dot_product_attention,
+                             implementation="mosaic" if impl == "tokamax-mosaic" else "triton",
+                             **kwargs)
+  int8 = functools.partial(qwix.quantize, qtype=jnp.int8, channelwise_axes=(0, 1, 2))
+  if impl == "tokamax-int8":
+    return (lambda k, v: (int8(k), int8(v))), (lambda q, k, v: attend(int8(q), k, v))
+  if impl == "tokamax-int4":
+    def int4(x):
+      return qwix.quantize(x, jnp.int4, tiled_axes={0: 1, 1: 1, 2: 1, 3: x.shape[-1]})
+    return (lambda k, v: (int4(k), int4(v))), attend
+  return (lambda k, v: (k, v)), attend
 
 
 def _impl_fn(impl: str, config, **kwargs):
+  """A jitted ``fn(q, k, v)`` on bf16 inputs, any quantization included."""
   if impl in BASELINES:
     return jax.jit(functools.partial(jax.nn.dot_product_attention,
                                      implementation=BASELINES[impl], **kwargs))
+  if impl in TOKAMAX:
+    quantize_kv, attend = tokamax_attention(impl, **kwargs)
+    return jax.jit(lambda q, k, v: attend(q, *quantize_kv(k, v)))
   return jax.jit(functools.partial(turbojax.dot_product_attention, implementation=impl,
                                    config=config, **kwargs))
 
@@ -71,7 +105,7 @@ def prefill_suite(args) -> list[dict]:
       quant_ms = common.time_fn(quant, q, k, v, repeats=args.repeats)["ms"]
       base_ms = None
       runs = [(impl, scales) for impl in args.impls
-              for scales in ((None,) if impl in BASELINES else args.scales)]
+              for scales in ((None,) if is_baseline(impl) else args.scales)]
       for impl, scales in runs:
         row = {"suite": "prefill", "impl": impl, "batch": args.batch, "seq": seq,
                "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
@@ -89,7 +123,7 @@ def prefill_suite(args) -> list[dict]:
           continue
         row.update(timing)
         row["tflops"] = flops / timing["ms"] / 1e9
-        if impl not in BASELINES:
+        if not is_baseline(impl):
           row["quant_ms_xla"] = quant_ms
         if exact is not None:
           row["relerr"] = relative_error(fn(q, k, v), exact)
@@ -102,30 +136,40 @@ def prefill_suite(args) -> list[dict]:
   return rows
 
 
+def _nbytes(tree) -> int:
+  """Bytes of a pytree of arrays, sub-byte dtypes (qwix's int4) counted packed."""
+  return sum(x.size * jnp.iinfo(x.dtype).bits // 8 if jnp.issubdtype(x.dtype, jnp.integer)
+             else x.nbytes for x in jax.tree.leaves(tree))
+
+
 def decode_suite(args) -> list[dict]:
   rows = []
   b, t, hq, hk, d = args.batch_decode, args.cache_len, args.heads, args.kv_heads_decode, args.head_dim
   q, k, v = random_qkv(1, b, 1, t, hq, hk, d, jnp.bfloat16)
-  bf16_bytes = b * t * hk * d * 2 * 2
   exact = turbojax.dot_product_attention(
       *(x.astype(jnp.float32) for x in (q, k, v)),
       config=turbojax.TurboConfig(exact=True)) if args.check else None
   base_ms = None
-  for impl in BASELINES:
-    if impl not in args.impls:
-      continue
-    row = {"suite": "decode", "impl": impl, "cache": "bf16", "batch": b, "cache_len": t,
-           "heads": hq, "kv_heads": hk, "head_dim": d, "bytes": bf16_bytes}
+  for impl in filter(is_baseline, args.impls):
+    label = impl.removeprefix("tokamax-") if impl in ("tokamax-int8", "tokamax-int4") else "bf16"
+    row = {"suite": "decode", "impl": impl, "cache": label, "batch": b, "cache_len": t,
+           "heads": hq, "kv_heads": hk, "head_dim": d}
     try:
-      fn = _impl_fn(impl, None)
-      row.update(common.time_fn(fn, q, k, v, repeats=args.repeats))
+      if impl in BASELINES:
+        fn, cache_kv = _impl_fn(impl, None), (k, v)
+      else:  # the cache is stored in tokamax's format; only attention is timed
+        quantize_kv, attend = tokamax_attention(impl)
+        fn, cache_kv = jax.jit(attend), jax.jit(quantize_kv)(k, v)
+      row.update(common.time_fn(fn, q, *cache_kv, repeats=args.repeats))
     except Exception as e:
       row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
       rows.append(row)
+      print(f"{impl}: {row['error']}", file=sys.stderr)
       continue
-    row["tb_per_s"] = bf16_bytes / row["ms"] / 1e9
+    row["bytes"] = _nbytes(cache_kv)
+    row["tb_per_s"] = row["bytes"] / row["ms"] / 1e9
     if exact is not None:
-      row["relerr"] = relative_error(fn(q, k, v), exact)
+      row["relerr"] = relative_error(fn(q, *cache_kv), exact)
     if impl == "cudnn":
       base_ms = row["ms"]
     rows.append(row)
@@ -134,7 +178,7 @@ def decode_suite(args) -> list[dict]:
     cache = turbojax.QuantizedKVCache.init(b, t, hk, d, config)
     cache = jax.jit(lambda c, k, v: c.update(k, v))(cache, k, v)
     for impl in args.impls:
-      if impl in BASELINES:
+      if is_baseline(impl):
         continue
       row = {"suite": "decode", "impl": impl, "cache": label, "batch": b, "cache_len": t,
              "heads": hq, "kv_heads": hk, "head_dim": d, "bytes": cache.nbytes}
@@ -163,7 +207,8 @@ def main(argv=None):
   parser.add_argument("--suite", choices=("prefill", "decode", "all"), default="all")
   parser.add_argument("--impls", nargs="+",
                       default=["cudnn", "jax-xla", "triton"] if on_gpu else ["jax-xla", "xla"],
-                      help="jax.nn baselines (cudnn, jax-xla) and turbojax implementations "
+                      help="baselines (jax.nn's cudnn and jax-xla; with tokamax installed "
+                           f"{', '.join(TOKAMAX)}) and turbojax implementations "
                            "(triton, mosaic_gpu, mosaic_tpu, xla)")
   parser.add_argument("--batch", type=int, default=2 if on_gpu else 1)
   parser.add_argument("--seq", type=int, nargs="+", default=[4096] if on_gpu else [512])
