@@ -3,6 +3,8 @@
 import pathlib
 import sys
 
+import jax.numpy as jnp
+
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
 
 import attention  # noqa: E402
@@ -24,3 +26,21 @@ def test_attention_cli_reports_the_outlier_error():
                          "--k-outliers"])
   assert [r["k_outliers"] for r in rows] == [True]
   assert 1e-3 < rows[0]["relerr"] <= 4e-2
+
+
+def test_tokamax_baselines_are_rows_even_where_they_cannot_run():
+  """Without tokamax (CI), or off GPU, its baselines are rows carrying the error;
+  the run goes on and writes the other rows."""
+  rows = attention.main(["--seq", "128", "--cache-len", "256", "--heads", "4", "--kv-heads", "2",
+                         "--kv-heads-decode", "2", "--repeats", "1", "--head-dim", "64",
+                         "--causal", "false", "--impls", "xla", "tokamax-int8", "tokamax-int4"])
+  by_suite = {(r["suite"], r["impl"]) for r in rows}
+  assert {(s, i) for s in ("prefill", "decode") for i in ("tokamax-int8", "tokamax-int4")} <= by_suite
+  for r in rows:
+    assert ("ms" in r) != ("error" in r), r
+  assert all("ms" in r for r in rows if r["impl"] == "xla")
+
+
+def test_cache_bytes_count_int4_packed():
+  codes, scales = jnp.zeros((4, 8), jnp.int4), jnp.zeros((4, 1), jnp.bfloat16)
+  assert attention._nbytes((codes, scales)) == 4 * 8 // 2 + 4 * 2
