@@ -41,6 +41,8 @@ BAD_INPUTS = [
     ("window", dict(local_window_size=(-1, 2)), ValueError, "local_window_size"),
     ("query_offset", dict(query_offset=jnp.array([1, 2, 3])), ValueError, "query_offset"),
     ("config type", dict(config={"exact": True}), TypeError, "config must be a TurboConfig"),
+    ("scale type", dict(scale="0.1"), TypeError, "scale must be a real number"),
+    ("scale not finite", dict(scale=float("nan")), ValueError, "scale must be finite"),
     ("unknown implementation", dict(implementation="cuda_magic"), ValueError,
      "implementation='cuda_magic' is not available"),
     ("empty implementation list", dict(implementation=[]), ValueError, "non-empty sequence"),
@@ -52,6 +54,13 @@ BAD_INPUTS = [
 def test_bad_input_table(name, overrides, error, match):
   with pytest.raises(error, match=match):
     call(**overrides)
+
+
+def test_traced_scale_is_a_clear_error():
+  """The kernels fold the scale into Q's scales at trace time."""
+  with pytest.raises(TypeError, match="scale must be a real number"):
+    jax.jit(lambda s: call(scale=s))(0.1)
+  np.testing.assert_allclose(call(scale=np.float32(0.1)), call(scale=0.1))
 
 
 @pytest.mark.parametrize("changes, match", [

@@ -3,6 +3,8 @@ received and what was expected, before any kernel sees the input."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,3 +99,20 @@ def check_window(local_window_size):
         "local_window_size must be a non-negative int or a (left, right) pair of them, "
         f"got {local_window_size!r}")
   return window
+
+
+def check_scale(scale, head_dim: int) -> float:
+  """The logit scale as a Python float (``1 / sqrt(head_dim)`` for ``None``):
+  the kernels fold it into Q's scales at trace time, so it must be concrete."""
+  if scale is None:
+    return 1.0 / math.sqrt(head_dim)
+  try:
+    if isinstance(scale, (str, bytes)) or not is_concrete(scale):
+      raise TypeError
+    value = float(scale)
+  except (TypeError, ValueError):
+    raise TypeError(f"scale must be a real number (a Python or concrete scalar) or None, "
+                    f"got {scale!r}") from None
+  if not math.isfinite(value):
+    raise ValueError(f"scale must be finite, got {value}")
+  return value

@@ -10,7 +10,6 @@ default order, which always ends in the pure-JAX ``"xla"`` path.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import jax
@@ -99,7 +98,7 @@ def dot_product_attention(
       query_seq_lengths=v.check_lengths("query_seq_lengths", query_seq_lengths, b, tq),
       key_value_seq_lengths=v.check_lengths("key_value_seq_lengths", key_value_seq_lengths, b, tk),
       query_offset=offset.astype(jnp.int32))
-  call = Call(scale=float(1.0 / math.sqrt(d) if scale is None else scale),
+  call = Call(scale=v.check_scale(scale, d),
               is_causal=bool(is_causal), local_window=v.check_window(local_window_size),
               config=config)
   if config.exact:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -48,7 +47,7 @@ def decode_attention(query, cache: QuantizedKVCache, *, scale: float | None = No
     raise ValueError(
         f"query has {tq} tokens; decode_attention takes at most group_size="
         f"{cache.group_size} (use dot_product_attention for longer chunks)")
-  call = Call(scale=float(1.0 / math.sqrt(d) if scale is None else scale), is_causal=True,
+  call = Call(scale=v.check_scale(scale, d), is_causal=True,
               local_window=None, config=config)
   def run(name):
     fn = lambda query, cache: backends.BACKENDS[name].decode(query, cache, call)
