@@ -45,13 +45,29 @@ def test_pack_unpack_bit_exact(data, bits):
 
 
 def test_stage2_rounding_division_is_exact_over_its_whole_range():
-  """``packing._floor_div_round`` (f32) against integer floor division."""
+  """``packing._div_round`` (f32) against exact rounding, ties to even."""
   from pallas_kernels import packing
   r = packing.STAGE2_DIV_RANGE
   a = np.arange(-r, r + 1, dtype=np.int32)[:, None]
   b = np.arange(1, r + 1, dtype=np.int32)[None, :]
-  got = jax.jit(packing._floor_div_round)(jnp.asarray(a), jnp.asarray(b))
-  np.testing.assert_array_equal(np.asarray(got), (2 * a + b) // (2 * b))
+  got = jax.jit(packing._div_round)(jnp.asarray(a), jnp.asarray(b))
+  np.testing.assert_array_equal(np.asarray(got), np.rint(a / b).astype(np.int32))
+
+
+def test_stage2_rounding_is_unbiased():
+  """Over the symmetric INT8 range, the stage-2 round trip's errors cancel for
+  every scale: no value is pushed up more often than down. (Rounding ties up,
+  as before, biased V by +0.25 INT8 steps on average, and attention's average
+  over many tokens kept the bias: the INT4 cache's error was 0.200, not 0.135.)"""
+  from pallas_kernels import packing
+  q8 = np.arange(-127, 128, dtype=np.int32)
+  for s2 in range(1, 18):
+    s2_arr = np.full_like(q8, s2)
+    codes = np.asarray(packing.stage2_encode(jnp.asarray(q8), jnp.asarray(s2_arr, jnp.uint8),
+                                             jnp.asarray(np.full_like(q8, 127), jnp.int8), 8))
+    back = (codes.astype(np.int32) - 127) * s2
+    assert np.all(2 * np.abs(back - q8) <= s2), s2
+    assert (back - q8).sum() == 0, s2
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group"))
