@@ -7,7 +7,8 @@ its Triton kernel on qwix-quantized inputs); other names are turbojax's
 ``implementation=`` values (``triton``, ``mosaic_gpu`` (Hopper+; its decode
 rows run the Triton decode kernel), ``mosaic_tpu``, ``xla``).
 Prefill: ``dot_product_attention`` on bf16 inputs, the quantization pass
-included in the time (and timed alone beside it). Decode: one new token per
+included in the time and reported beside it (on a GPU the attention kernel's
+and the rest of the call's GPU time, from a profiler trace). Decode: one new token per
 sequence against a quantized KV cache vs jax.nn over a bf16 cache. Every row
 carries the relative error against float32 exact attention on the same inputs.
 
@@ -23,6 +24,7 @@ import argparse
 import dataclasses
 import functools
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,8 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import turbojax  # noqa: E402
+from pallas_kernels.gpu import flashq_prefill as triton_prefill  # noqa: E402
+from pallas_kernels.mosaic_gpu import flashq_prefill as mosaic_prefill  # noqa: E402
 from turbojax.attention.prepare import quantize_for_prefill  # noqa: E402
 from turbojax.testing import random_qkv, relative_error  # noqa: E402
 
@@ -78,6 +82,24 @@ def _impl_fn(impl: str, config, **kwargs):
                                    config=config, **kwargs))
 
 
+# The prefill kernels as GPU traces name them; every other kernel of a call is its quantization pass.
+ATTENTION_KERNELS = (triton_prefill.KERNEL_NAME, mosaic_prefill.KERNEL_NAME)
+
+
+def kernel_and_quantization_ms(fn, *args, calls: int = 10):
+  """GPU time per call of the attention kernel and of the rest of the call
+  (the quantization pass and its small XLA ops), from a profiler trace of
+  ``calls`` calls; ``None`` where the trace has no GPU kernel (CPU) or none of
+  ``ATTENTION_KERNELS`` (the ``"xla"`` path)."""
+  kernels = common.device_kernel_times(lambda *a: [fn(*a) for _ in range(calls)], *args,
+                                       trace_dir=tempfile.mkdtemp(), top=1000)
+  attention = sum(ms for name, ms, _ in kernels if any(k in name for k in ATTENTION_KERNELS))
+  if not attention:
+    return None
+  total = sum(ms for _, ms, _ in kernels)
+  return attention / calls, (total - attention) / calls
+
+
 def exact_reference(q, k, v, causal: bool, chunk: int = 1024):
   """Float32 exact attention, ``chunk`` queries at a time: the ``[T, T]``
   scores of a 16k-token prefill do not fit in GPU memory at once."""
@@ -99,10 +121,6 @@ def prefill_suite(args) -> list[dict]:
                            jnp.bfloat16, k_outliers=args.k_outliers)
       exact = exact_reference(q, k, v, causal) if args.check else None
       flops = common.attention_flops(args.batch, seq, seq, args.heads, args.head_dim, causal)
-      quant = jax.jit(functools.partial(
-          quantize_for_prefill, config=config, block_q=config.block_q, block_k=config.block_k,
-          softmax_scale=args.head_dim**-0.5))
-      quant_ms = common.time_fn(quant, q, k, v, repeats=args.repeats)["ms"]
       base_ms = None
       runs = [(impl, scales) for impl in args.impls
               for scales in ((None,) if is_baseline(impl) else args.scales)]
@@ -112,9 +130,9 @@ def prefill_suite(args) -> list[dict]:
                "causal": causal, "k_outliers": args.k_outliers}
         if scales is not None:
           row["scales"] = scales
+        row_config = dataclasses.replace(config, per_token_scales=scales == "token")
         try:
-          fn = _impl_fn(impl, dataclasses.replace(config, per_token_scales=scales == "token"),
-                        is_causal=causal)
+          fn = _impl_fn(impl, row_config, is_causal=causal)
           timing = common.time_fn(fn, q, k, v, repeats=args.repeats)
         except Exception as e:  # a missing backend is a row, not a crash
           row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -124,7 +142,14 @@ def prefill_suite(args) -> list[dict]:
         row.update(timing)
         row["tflops"] = flops / timing["ms"] / 1e9
         if not is_baseline(impl):
-          row["quant_ms_xla"] = quant_ms
+          split = kernel_and_quantization_ms(fn, q, k, v)
+          if split is not None:
+            row["kernel_ms"], row["quant_ms"] = split
+          elif impl == "xla":  # its quantization pass, timed alone
+            quant = jax.jit(functools.partial(
+                quantize_for_prefill, config=row_config, block_q=config.block_q,
+                block_k=config.block_k, softmax_scale=args.head_dim**-0.5))
+            row["quant_ms"] = common.time_fn(quant, q, k, v, repeats=args.repeats)["ms"]
         if exact is not None:
           row["relerr"] = relative_error(fn(q, k, v), exact)
         if impl == "cudnn":
@@ -242,7 +267,8 @@ def main(argv=None):
     common.print_table([r for r in rows if r["suite"] == "prefill"], [
         ("impl", "impl", "s"), ("scales", "scales", "s"), ("seq", "seq", "d"),
         ("causal", "causal", ""), ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".1f"),
-        ("quant_ms_xla", "quant ms", ".3f"), ("speedup_vs_cudnn", "vs cuDNN", ".2f"),
+        ("kernel_ms", "kernel ms", ".3f"), ("quant_ms", "quant ms", ".3f"),
+        ("speedup_vs_cudnn", "vs cuDNN", ".2f"),
         ("relerr", "rel err", ".2e")])
   if args.suite in ("decode", "all"):
     decode_rows = decode_suite(args)

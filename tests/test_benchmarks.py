@@ -16,6 +16,9 @@ def test_attention_cli_smoke(tmp_path):
                          "--causal", "true", "--out", str(tmp_path / "r")])
   assert {r["impl"] for r in rows} == {"jax-xla", "xla"}
   assert all("ms" in r and r["relerr"] < 0.6 for r in rows)
+  # Off GPU the "xla" row's quantization pass is timed alone; no kernel split.
+  xla_prefill = [r for r in rows if r["suite"] == "prefill" and r["impl"] == "xla"]
+  assert xla_prefill and all(r["quant_ms"] > 0 and "kernel_ms" not in r for r in xla_prefill)
   assert (tmp_path / "r.json").exists() and (tmp_path / "r.csv").exists()
 
 
@@ -44,3 +47,13 @@ def test_tokamax_baselines_are_rows_even_where_they_cannot_run():
 def test_cache_bytes_count_int4_packed():
   codes, scales = jnp.zeros((4, 8), jnp.int4), jnp.zeros((4, 1), jnp.bfloat16)
   assert attention._nbytes((codes, scales)) == 4 * 8 // 2 + 4 * 2
+
+
+def test_kernel_split_counts_every_other_kernel_as_the_quantization_pass(monkeypatch):
+  traced = [("mosaic_gpu_flashq_prefill", 8.0, 10), ("flashq_quantize_v", 0.4, 10),
+            ("flashq_quantize_stats", 0.5, 20), ("loop_convert_fusion", 0.1, 10)]
+  monkeypatch.setattr(attention.common, "device_kernel_times", lambda *a, **k: traced)
+  kernel, rest = attention.kernel_and_quantization_ms(lambda *a: None, calls=10)
+  assert abs(kernel - 0.8) < 1e-9 and abs(rest - 0.1) < 1e-9
+  monkeypatch.setattr(attention.common, "device_kernel_times", lambda *a, **k: traced[1:])
+  assert attention.kernel_and_quantization_ms(lambda *a: None, calls=10) is None
