@@ -33,7 +33,9 @@ def next_pow2(n: int) -> int:
 
 
 def round_half_up(x: jax.Array) -> jax.Array:
-  """Rounding used for every quantization here (matches between backends)."""
+  """Rounding of every float quantization here (matches between backends;
+  ties are rare for float inputs). Stage 2's integer quotients, where ties
+  are frequent, round ties to even instead (``packing._div_round``)."""
   return jnp.floor(x + 0.5)
 
 

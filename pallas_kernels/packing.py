@@ -3,7 +3,7 @@ the kernels.
 
 Stage 2 is integer only: from INT8 codes, a group gets the integer scale
 ``s2 = (hi - lo) // (2**bits - 1) + 1`` and zero point ``z = -round(lo / s2)``,
-and ``code = clip(round(q / s2) + z, 0, 2**bits - 1)`` (rounding half up).
+and ``code = clip(round(q / s2) + z, 0, 2**bits - 1)`` (ties to even: ``_div_round``).
 
 Codes are unsigned (``0 <= code < 2**bits``) and packed along the last axis in a
 *split* layout: byte ``j`` of a row of ``n`` codes holds codes ``j``,
