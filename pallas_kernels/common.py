@@ -33,9 +33,11 @@ def next_pow2(n: int) -> int:
 
 
 def round_half_up(x: jax.Array) -> jax.Array:
-  """Rounding of every float quantization here (matches between backends;
-  ties are rare for float inputs). Stage 2's integer quotients, where ties
-  are frequent, round ties to even instead (``packing._div_round``)."""
+  """Rounding of every float quantization here (matches between backends).
+  Its ties bias little here: with ties to even instead, prefill's error on
+  bf16 inputs moved by under 2% (1.88e-2 -> 1.85e-2, T4096) and the cache's
+  decode error not at all. Stage 2's integer quotients, where ties cost far
+  more, round ties to even (``packing._div_round``)."""
   return jnp.floor(x + 0.5)
 
 
