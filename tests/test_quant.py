@@ -70,6 +70,19 @@ def test_stage2_rounding_is_unbiased():
     assert (back - q8).sum() == 0, s2
 
 
+def test_stage2_scale_is_the_finest_step_and_its_one_overflow_is_clipped():
+  """A range of exactly ``levels`` steps gets ``s2 = range / levels``; with
+  ``lo / s2`` a tie (1 / 2 -> 0) ``hi``'s code would be 16 (31 / 2 -> 16):
+  clipped to 15, it decodes to 30, half a step from 31."""
+  from pallas_kernels import packing
+  q8 = jnp.asarray([[1, 31, 7, 16]], jnp.int32)
+  s2, z = packing.stage2_params(q8, 4, axis=1)
+  assert int(s2[0, 0]) == 2 and int(z[0, 0]) == 0
+  codes = np.asarray(packing.stage2_encode(q8, s2, z, 4))
+  np.testing.assert_array_equal(codes, [[0, 15, 4, 8]])
+  np.testing.assert_array_equal((codes.astype(np.int32) - 0) * 2, [[0, 30, 8, 16]])
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "group"))
 def _stage2_round_trip(x, bits, group):
   pq = quant.quantize_asym(x, bits, group_size=group, axis=-1)
