@@ -197,10 +197,9 @@ def _prefill_kernel(
   m, l, acc = carry
 
   row_valid = row0 + jnp.arange(block_q, dtype=jnp.int32) < q_len
-  out = reference.finalize(reference.SoftmaxState(m=m, l=l, acc=acc))
-  out = jnp.where(row_valid[:, None], out, 0.0)
-  out = jnp.where(common.finite_rows(q_scale)[:, None], out, jnp.nan)
-  o_ref[...] = out.astype(o_ref.dtype)
+  # Rows past q_len finalize as rows that saw no key (0), unless q_scale marks them NaN.
+  state = reference.SoftmaxState(m=m, l=jnp.where(row_valid, l, 0.0), acc=acc)
+  o_ref[...] = reference.finalize(state, q_scale[:, None]).astype(o_ref.dtype)
   if residual_refs:
     m_ref, l_ref = residual_refs
     m_ref[...] = jnp.where(row_valid, m, common.MASKED_MAX)
