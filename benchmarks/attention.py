@@ -114,6 +114,7 @@ def exact_reference(q, k, v, causal: bool, chunk: int = 1024):
 
 def prefill_suite(args) -> list[dict]:
   rows = []
+  on_gpu = jax.default_backend() == "gpu"  # the kernel/quantization split needs a GPU trace
   config = turbojax.TurboConfig()
   for seq in args.seq:
     for causal in args.causal:
@@ -142,7 +143,7 @@ def prefill_suite(args) -> list[dict]:
         row.update(timing)
         row["tflops"] = flops / timing["ms"] / 1e9
         if not is_baseline(impl):
-          split = kernel_and_quantization_ms(fn, q, k, v)
+          split = kernel_and_quantization_ms(fn, q, k, v) if on_gpu else None
           if split is not None:
             row["kernel_ms"], row["quant_ms"] = split
           elif impl == "xla":  # its quantization pass, timed alone
