@@ -39,12 +39,10 @@ Causal masking and per-sequence ``kv_lengths`` / ``q_lengths`` /
 causal diagonal or ``kv_lengths`` are never visited. GQA: query head ``h``
 reads KV head ``h // (Hq // Hk)``.
 
-The in-kernel SAS exponent and row quantization are re-spelled without
-``floor`` (Mosaic GPU has none) and, by default, with exact integer <-> float
-conversions on the FMA/ALU pipes instead of the quarter-rate convert unit
-(``BlockSizes.convert``); ``tests/pallas_kernels/test_mosaic_gpu_flashq.py``
-checks them against ``pallas_kernels.sas.sas_exp`` and
-``pallas_kernels.common.quantize_rows`` bit for bit.
+The in-kernel SAS exponent and row quantization are ``pallas_kernels.gpu.softmax``'s,
+re-spelled without ``floor`` (Mosaic GPU has none) and, by default, with exact
+integer <-> float conversions on the FMA/ALU pipes instead of the convert unit
+(``BlockSizes.convert``).
 
 ``python3 -m pallas_kernels.mosaic_gpu.flashq_prefill`` checks the compiled
 kernel against the reference and times its variants against cuDNN (``main``);
@@ -65,6 +63,9 @@ from jax.experimental import pallas as pl
 from pallas_kernels import common, compat, tuned_block_sizes
 from pallas_kernels.sas import SASParams
 from pallas_kernels.gpu import flashq_prefill as gpu_flashq_prefill
+from pallas_kernels.gpu.softmax import (
+    broadcast_cols, broadcast_rows, i32_to_f32, online_softmax, online_softmax_tile_scale,
+    quantize_rows)
 
 plgpu = compat.plmgpu
 
@@ -153,178 +154,6 @@ class BlockSizes:
     # for Q.K^T, and half the per-tile accumulator rescales of 64.
     entry.setdefault("block_k", 128 if seq_len_k % 128 == 0 else 64)
     return cls(**entry)
-
-
-# --- element-wise pieces (plain jnp: they also run on CPU for the tests) -------
-
-
-def _rows(x, shape):
-  """Row vector ``[M]`` broadcast to ``[M, N]`` (``x[:, None]``)."""
-  return lax.broadcast_in_dim(x, shape, [0])
-
-
-def _cols(x, shape):
-  """Column vector ``[N]`` broadcast to ``[M, N]`` (``x[None, :]``)."""
-  return lax.broadcast_in_dim(x, shape, [1])
-
-
-# Exact integer <-> float conversions on the FMA/ALU pipes. Hopper converts
-# (I2F, F2I) at a quarter of the FP32 rate, on the unit that also runs exp2:
-# with int8 tensor cores one conversion per logit costs as much as the
-# matmuls. Adding 1.5 * 2**23 puts an integer |i| < 2**22 into the mantissa of
-# a float whose exponent is fixed, so a bit cast and one add convert exactly.
-_MAGIC_F = 12582912.0   # 1.5 * 2**23
-_MAGIC_I = 0x4B400000   # its bits
-_ONE_BITS = 0x3F800000  # bits of 1.0
-
-
-def i32_to_f32(x, convert: str = "magic"):
-  """Exact ``float32(x)`` for int32 ``|x| < 2**22`` (int8 dots of <= 128 terms)."""
-  if convert == "cvt":
-    return x.astype(jnp.float32)
-  return lax.bitcast_convert_type(x + _MAGIC_I, jnp.float32) - _MAGIC_F
-
-
-def floor_small(y, convert: str = "magic", guard: bool = True):
-  """``floor(y)`` for f32 ``0 <= y < 2**22``, as f32, and its int32 bits trick.
-
-  Returns ``(f, bits)``: ``f == floor(y)`` and ``bits == bitcast(f + 1.5 *
-  2**23)``, whose low byte is ``f`` for ``f < 256`` (``int8`` codes) and whose
-  ``bits << 23`` is ``f << 23`` (exponent-field tables). ``guard`` pins the
-  intermediate values with optimization barriers, which XLA needs (it folds
-  ``(y + M) - M`` to ``y`` and may recompute ``y`` with and without FMA
-  contraction); compiled Mosaic GPU code needs none (LLVM does not
-  reassociate without fast-math flags, and SSA values are computed once).
-  """
-  if convert == "cvt":  # y >= 0: truncation is floor
-    i = y.astype(jnp.int32)
-    return i.astype(jnp.float32), i + _MAGIC_I
-  # Round to nearest even; the barrier keeps XLA from folding ``+M-M`` to a
-  # no-op (LLVM does not reassociate without fast-math flags).
-  if guard:
-    y = lax.optimization_barrier(y)
-    r = lax.optimization_barrier(y + _MAGIC_F) - _MAGIC_F
-  else:
-    r = (y + _MAGIC_F) - _MAGIC_F  # round to nearest even
-  f = jnp.where(r > y, r - 1.0, r)
-  return f, lax.bitcast_convert_type(f + _MAGIC_F, jnp.int32)
-
-
-def sas_exp(x, sas: SASParams, convert: str = "magic", guard: bool = True):
-  """``pallas_kernels.sas.sas_exp`` without ``floor`` (Mosaic GPU has none).
-
-  Same operations and rounding (``floor`` of the clamped, non-negative input
-  through ``floor_small``). Only base 2 (the exponent-field table).
-  """
-  x = jnp.maximum(x.astype(jnp.float32), 0.0)
-  if sas.exact:
-    return jnp.exp2(-x * math.log2(sas.base))
-  if sas.base != 2.0:
-    raise NotImplementedError(
-        f"Mosaic GPU FlashQ supports the base-2 SAS table only, got base={sas.base}")
-  dtype = jnp.dtype(sas.dtype)
-  past = x > sas.threshold
-  x = jnp.minimum(x, math.floor(sas.threshold) + 1.0)
-  x_int_f, bits = floor_small(x, convert, guard)
-  frac = (x - x_int_f).astype(dtype)
-  coeffs = sas.coefficients
-  poly = jnp.full_like(frac, coeffs[0])
-  for c in coeffs[1:]:
-    poly = poly * frac + jnp.asarray(c, dtype)
-  table = lax.bitcast_convert_type(_ONE_BITS - (bits << 23), jnp.float32)  # 2**-x_int
-  return jnp.where(past, jnp.zeros((), dtype), poly * table.astype(dtype))
-
-
-def online_softmax(m_old, t, keep, q_scale, sas: SASParams, convert: str = "magic",
-                   guard: bool = True):
-  """``common.online_softmax_update`` for a 2-D tile (``keep=None``: no mask),
-  in units of ``t = logits / q_scale``: ``q_scale`` ``[M]`` is the rows'
-  (positive) scale, the same for every key tile, so the running max ``m`` is
-  kept in ``t``'s units and the exponent's argument ``q_scale * (t - m)`` is
-  one FMA per logit (the clamp at 0 only for the SAS table: the argument is
-  never positive but by rounding). Returns ``(m, alpha, p, p_max)``, ``m`` in
-  ``t``'s units; ``p_max``, the row max of ``p``, comes from the row max of
-  ``t`` for exp2 (monotonic: one exp2 a row instead of a max a logit; equal
-  to ``max(p)`` up to rounding, which cannot move a code past 127), else
-  ``None``."""
-  if keep is not None:
-    t = jnp.where(keep, t, common.MASKED_MAX)
-  return _update(m_old, t.max(axis=1),
-                 lambda qm: t * _rows(q_scale, t.shape) - _rows(qm, t.shape),
-                 keep, q_scale, sas, convert, guard)
-
-
-def online_softmax_tile_scale(m_old, s, keep, q_scale, k_scale, sas: SASParams,
-                              convert: str = "magic", guard: bool = True):
-  """``online_softmax`` for one K scale per key tile (scalar ``k_scale``):
-  then the row max needs no scaled logits and the scales fold into the
-  exponent's one FMA a logit. ``b = bits(s + 1.5 * 2**23)`` read as f32 is
-  ``f32(s) + 1.5 * 2**23`` (exact for ``|s| < 2**22``, order-preserving), so
-  ``max`` runs on ``b`` and ``q_scale * (t - m) = b * c - (c * 1.5 * 2**23 +
-  q_scale * m)`` with ``c = q_scale * k_scale``: two instructions a logit
-  fewer than with a K scale per token (an int->float subtraction and a
-  multiply). Same ``(m, alpha, p, p_max)`` as ``online_softmax`` up to the
-  rounding of the FMA's row constant, about ``c / 2`` in the exponent (a
-  relative 1e-5 in ``p`` for logits of a few units; P is rounded to bf16 or
-  INT8 codes after it)."""
-  b = lax.bitcast_convert_type(s + _MAGIC_I, jnp.float32)
-  if keep is not None:
-    b = jnp.where(keep, b, 0.0)  # below every valid b (>= 2**22)
-  b_max = b.max(axis=1)
-  t_max = jnp.where(b_max > 0.0, (b_max - _MAGIC_F) * k_scale, common.MASKED_MAX)
-  c = q_scale * k_scale
-  return _update(m_old, t_max,
-                 lambda qm: b * _rows(c, b.shape) - _rows(c * _MAGIC_F + qm, b.shape),
-                 keep, q_scale, sas, convert, guard)
-
-
-def _update(m_old, t_max, exponent_arg, keep, q_scale, sas: SASParams, convert: str,
-            guard: bool):
-  """The online-softmax step shared by both logit forms: the new max, ``alpha``,
-  and ``p`` from ``exponent_arg(q_scale * m_new)``, the per-logit argument
-  ``q_scale * (t - m_new) <= 0``."""
-  m_new = jnp.maximum(m_old, t_max)
-  alpha = sas_exp(q_scale * m_new - q_scale * m_old, sas, convert, guard).astype(jnp.float32)
-  qm = q_scale * m_new
-  arg = exponent_arg(qm)
-  p_max = None
-  if sas.exact and sas.base == 2.0:
-    p = jnp.exp2(arg)
-    p_max = jnp.exp2(t_max * q_scale - qm)
-  else:
-    p = sas_exp(-arg, sas, convert, guard).astype(jnp.float32)
-  if keep is not None:
-    p = jnp.where(keep, p, 0.0)
-  return m_new, alpha, p, p_max
-
-
-def quantize_rows(p, convert: str = "magic", guard: bool = True,
-                  rounding: str = "half_up", row_max=None, codes_dtype=jnp.int8):
-  """``common.quantize_rows`` for non-negative 2-D ``p``, plus ``sum(p8)``.
-
-  Returns ``(p8, p_scale, code_sum)``: int8 codes ``floor(p * 127 / max + 0.5)``,
-  the f32 row scale ``max / 127`` and the f32 row sum of the codes (summed as
-  integers: exact, one add a code). ``rounding="nearest_even"`` rounds
-  ``p * 127 / max`` to nearest even instead (one FMA with 1.5 * 2**23 instead
-  of a five-op floor; codes differ from the reference's only at exact ties).
-  ``row_max``: ``p``'s row max when known (``online_softmax``'s ``p_max``).
-  ``codes_dtype``: int8, or a float type holding the same integer codes.
-  """
-  if row_max is None:
-    row_max = p.max(axis=1)
-  is_zero = row_max == 0.0
-  inv = jnp.where(is_zero, 0.0, common.INT8_MAX / jnp.where(is_zero, 1.0, row_max))
-  if rounding == "nearest_even":
-    t = p * _rows(inv, p.shape) + _MAGIC_F
-    if guard:
-      t = lax.optimization_barrier(t)
-    bits = lax.bitcast_convert_type(t, jnp.int32)
-    f = t - _MAGIC_F
-  else:
-    f, bits = floor_small(p * _rows(inv, p.shape) + 0.5, convert, guard)
-  codes = bits - _MAGIC_I
-  p8 = codes.astype(jnp.int8) if jnp.dtype(codes_dtype) == jnp.int8 else f.astype(codes_dtype)
-  return p8, row_max / common.INT8_MAX, i32_to_f32(codes.sum(axis=1), convert)
 
 
 # --- kernel ----------------------------------------------------------------------
@@ -476,7 +305,7 @@ def _prefill_kernel(
         m_new, alpha, p, p_max = online_softmax_tile_scale(
             m, s, keep, q_scale, k_scale, sas, convert, guard=interpret)
       else:
-        t = i32_to_f32(s, convert) * _cols(k_scale, shape)  # the logits / q_scale
+        t = i32_to_f32(s, convert) * broadcast_cols(k_scale, shape)  # the logits / q_scale
         m_new, alpha, p, p_max = online_softmax(m, t, keep, q_scale, sas, convert,
                                                 guard=interpret)
       if quantize_p:
@@ -490,11 +319,11 @@ def _prefill_kernel(
       if pv_dtype == "bfloat16":
         tile_unit = p_scale * v_scale  # 0 where P's row is all zero: keep the old unit
         new_unit = jnp.where(tile_unit > 0.0, tile_unit, unit)
-        acc = acc * _rows(alpha * unit / new_unit, acc.shape)
+        acc = acc * broadcast_rows(alpha * unit / new_unit, acc.shape)
         unit = new_unit
         acc, l, m_new, unit, p8 = lax.optimization_barrier((acc, l, m_new, unit, p8))
       else:
-        acc = acc * _rows(alpha, acc.shape)
+        acc = acc * broadcast_rows(alpha, acc.shape)
         p_smem_wg[...] = p8
         plgpu.commit_smem()
         acc, l, m_new, p_scale = lax.optimization_barrier((acc, l, m_new, p_scale))
@@ -523,7 +352,7 @@ def _prefill_kernel(
         pv_ = pl.run_scoped(compute_pv, plgpu.ACC((block_q, head_dim), jnp.int32))
       v_scale = v_scale_smem[slot, 0]
       plgpu.barrier_arrive(v_consumed.at[slot])
-      acc = acc + i32_to_f32(pv_, convert) * _rows(p_scale * v_scale, acc.shape)
+      acc = acc + i32_to_f32(pv_, convert) * broadcast_rows(p_scale * v_scale, acc.shape)
       return acc, m_new, l, unit
 
     carry = (acc, m, l, unit)
@@ -545,7 +374,7 @@ def _prefill_kernel(
       lax.fori_loop(hi, hi_cta, drain, None)
     acc, m, l, unit = carry
     if pv_dtype == "bfloat16":
-      acc = acc * _rows(unit, acc.shape)
+      acc = acc * broadcast_rows(unit, acc.shape)
     pl.when(wg == 0)(schedule)
 
     # acc / l, 0 for rows that saw no key or lie past q_len, NaN where q_scale is not finite.
@@ -554,7 +383,7 @@ def _prefill_kernel(
     valid = (rows < q_len) & (l != 0.0)
     inv_l = jnp.where(valid, 1.0 / jnp.where(valid, l, 1.0), 0.0)
     inv_l = jnp.where(common.finite_rows(q_scale), inv_l, jnp.nan)
-    out = acc * _rows(inv_l, acc.shape)
+    out = acc * broadcast_rows(inv_l, acc.shape)
     o_smem_wg[...] = out.astype(o_smem.dtype)
     if m_smem is not None:
       row_ok = rows < q_len
