@@ -60,16 +60,36 @@ def triton_modules(fn, *args) -> list[str]:
   return modules
 
 
+def _ttir_passes(path: str, target, options: dict) -> str:
+  """Triton's TTIR passes (canonicalize, combine dot + add, CSE...) over the
+  module Pallas emitted: ``triton.compile`` skips its first stage for an IR
+  file, while XLA's Triton pipeline on the device runs them."""
+  from triton._C.libtriton import ir
+  from triton.compiler.compiler import make_backend
+  backend = make_backend(target)
+  context = ir.context()
+  ir.load_dialects(context)
+  backend.load_dialects(context)
+  module = ir.parse_mlir_module(path, context)
+  module.context = context
+  module = backend.make_ttir(module, {}, backend.parse_options(options), target.arch)
+  return str(module)
+
+
 def compile_and_report(ttir: str, *, num_warps: int, num_stages: int) -> str:
   import triton  # optional dependency of this tool only
   from triton.backends.compiler import GPUTarget
   bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+  target = GPUTarget("cuda", 90, 32)
+  options = dict(num_warps=num_warps, num_stages=num_stages)
   with tempfile.TemporaryDirectory() as tmp:
     src = os.path.join(tmp, "kernel.ttir")
     with open(src, "w") as f:
       f.write(ttir)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    ttir = _ttir_passes(src, target, options)
+    with open(src, "w") as f:
+      f.write(ttir)
+    kernel = triton.compile(src, target=target, options=options)
     ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
     with open(ptx, "w") as f:
       f.write(kernel.asm["ptx"])

@@ -35,9 +35,13 @@ SAME_SM_AS = {H200: H100_SXM}
 TUNED_BLOCK_SIZES: dict[tuple[str, str, str, int, int], dict[str, Any]] = {
     # benchmarks/kernels_gpu.py --sweep/--final, B2 T4096 H32 D128 (2026-11-23):
     # 64x64 tiles, 4 warps, 3 stages beat 128-row tiles (8 warps) and 128-key
-    # tiles by 15-40%; int8 P.V beat f16 P.V by 25%.
+    # tiles by 15-40%; int8 P.V beat f16 P.V by 25%. P rounded to nearest even
+    # in its scaling FMA (session 10, not yet timed: 610 SASS instructions per
+    # 64x64 tile and thread against 770 for half-up, as on Mosaic GPU where
+    # it was measured faster).
     ("flashq_prefill", H100_SXM, "int8", 128, 4096): dict(
-        block_q=64, block_k=64, num_warps=4, num_stages=3, pv_dtype="int8"),
+        block_q=64, block_k=64, num_warps=4, num_stages=3, pv_dtype="int8",
+        p_rounding="nearest_even"),
     # python3 -m pallas_kernels.mosaic_gpu.flashq_prefill (B2 T4096 H32 D128,
     # session 2): P rounded to nearest even with the magic conversions, 1.53 /
     # 0.93 ms non-causal / causal, against 1.81 / 1.17 ms for the defaults

@@ -4,11 +4,20 @@ The algorithm of ``pallas_kernels.reference.flashq_prefill_reference``, tiled
 for the GPU: the grid runs over (batch, query head, query block); each program
 keeps its INT8 query block in registers and loops over key tiles:
 
-  s   = (q8 . k8^T)_int32 * q_scale * k_scale         (exponent units)
-  m, alpha, p = SAS online-softmax update              (common.online_softmax_update)
-  p8, p_scale = per-row dynamic INT8 quantization of p (common.quantize_rows)
+  s   = (q8 . k8^T)_int32                               int8 tensor cores
+  t   = s * k_scale                 (logits / q_scale; with one K scale per
+                                    tile, folded into the exponent's FMA)
+  m, alpha, p = SAS online-softmax update of q_scale * t  (``softmax.online_softmax``)
+  p8, p_scale = per-row dynamic INT8 quantization of p   (``softmax.quantize_rows``)
   acc = acc * alpha + (p8 . v8)_int32 * p_scale * v_scale[tile]
   l   = l * alpha + sum(p8) * p_scale
+
+The per-logit steps are ``pallas_kernels.gpu.softmax``'s (shared with the
+Mosaic GPU kernel): integer <-> float conversions as exact bit tricks on the
+FMA/ALU pipes (``BlockSizes.convert``), P's row max from the row max of the
+logits where the exponent is ``exp2``, and P's codes summed as integers. The
+hardware conversions they replace (I2F, F2I, FRND) share the MUFU pipe with
+``exp2`` at a fraction of the FP32 rate.
 
 V arrives transposed (``v_t``: ``[B, Hk, D, Tk]``) so both int8 dots have a
 K-major second operand, the layout Hopper's 8-bit tensor-core path needs.
@@ -27,6 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import common, compat, reference, tuned_block_sizes
+from pallas_kernels.gpu import softmax
 from pallas_kernels.sas import SASParams
 
 KERNEL_NAME = "flashq_prefill"
@@ -48,6 +58,11 @@ class BlockSizes:
       with f32 accumulation, exact (products < 2**14, sums < 2**24 for
       block_k <= 1024), which spares Triton the shared-memory round trip of
       an 8-bit A operand built from the accumulator layout.
+    convert: "magic" converts int32 <-> f32 exactly with a bit cast and an
+      add (FMA/ALU pipes); "cvt" with hardware conversions. Same results.
+    p_rounding: "half_up" quantizes P exactly as the reference
+      (``floor(x + 0.5)``); "nearest_even" rounds in the FMA that scales P
+      (``softmax.quantize_rows``), differing only at exact ties.
   """
 
   block_q: int = 128
@@ -55,6 +70,8 @@ class BlockSizes:
   num_warps: int = 8
   num_stages: int = 2
   pv_dtype: str = "int8"
+  convert: str = "magic"
+  p_rounding: str = "half_up"
 
   def __post_init__(self):
     for name in ("block_q", "block_k"):
@@ -69,6 +86,10 @@ class BlockSizes:
       raise ValueError(f"pv_dtype={self.pv_dtype!r} must be 'int8' or 'float16'")
     if self.block_k > 1024:
       raise ValueError(f"block_k={self.block_k} must be <= 1024 (exact f32 sums)")
+    if self.convert not in ("magic", "cvt"):
+      raise ValueError(f"convert={self.convert!r} must be 'magic' or 'cvt'")
+    if self.p_rounding not in ("half_up", "nearest_even"):
+      raise ValueError(f"p_rounding={self.p_rounding!r} must be 'half_up' or 'nearest_even'")
 
   @classmethod
   def get_default(cls, *, head_dim: int, seq_len_q: int, seq_len_k: int,
@@ -84,9 +105,10 @@ class BlockSizes:
         KERNEL_NAME, device_kind=device_kind, dtype=dtype, head_dim=head_dim,
         seq_len=seq_len_k)
     if entry is None:
-      # Heuristic: the H100 D128 optimum (64x64 tiles, 4 warps, 3 stages); the
-      # per-row softmax work, not the dots, bounds this kernel.
-      entry = dict(block_q=64, block_k=64, num_warps=4, num_stages=3)
+      # Heuristic: the H100 D128 entry; the per-row softmax work, not the
+      # dots, bounds this kernel.
+      entry = dict(block_q=64, block_k=64, num_warps=4, num_stages=3,
+                   p_rounding="nearest_even")
     entry["block_q"] = max(MIN_BLOCK, min(entry["block_q"], common.next_pow2(seq_len_q)))
     entry["block_k"] = max(MIN_BLOCK, min(entry["block_k"], common.next_pow2(seq_len_k)))
     return cls(**entry)
@@ -123,14 +145,16 @@ def _prefill_kernel(
     q_ref,        # [block_q, D] int8
     q_scale_ref,  # [block_q] f32 (softmax scale folded in)
     k_ref,        # [Tk, D] int8
-    k_scale_ref,  # [Tk] f32
+    k_scale_ref,  # [Tk] f32, or [Tk // block_k] (one scale per key tile)
     v_t_ref,      # [D, Tk] int8
     v_scale_ref,  # [Tk // block_k] f32
     o_ref,        # [block_q, D]
     *residual_refs,  # m, l: [block_q] f32
     sas: SASParams, causal: bool, local_window, block_q: int, block_k: int,
-    pv_dtype: str):
+    block_sizes: BlockSizes, k_scale_per_tile: bool, interpret: bool):
   num_k_tiles = k_ref.shape[0] // block_k
+  convert, guard = block_sizes.convert, interpret
+  magic = convert == "magic"
   row0 = pl.program_id(2) * block_q
   offset = offset_ref[()]
   q_len = q_len_ref[()]
@@ -161,29 +185,42 @@ def _prefill_kernel(
   q_scale = q_scale_ref[...]
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)
 
+  def int8_dot(a, b):
+    """``a . b^T`` in int32; with magic conversions its accumulator starts at
+    ``softmax.MAGIC_I`` (free in the tensor cores), so the result is biased."""
+    out = compat.triton_dot(a, b, trans_b=True, preferred_element_type=jnp.int32)
+    return out + softmax.MAGIC_I if magic else out
+
   def tile(j, carry, *, masked: bool):
-    m, l, acc = carry
+    m, l, acc = carry   # m in units of logits / q_scale (``softmax.online_softmax``)
     start = pl.multiple_of(j * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]                        # [bk, D] int8
-    s = compat.triton_dot(q, k, trans_b=True, preferred_element_type=jnp.int32)
-    s = s.astype(jnp.float32) * q_scale[:, None] * k_scale_ref[pl.ds(start, block_k)][None, :]
+    s = int8_dot(q, k_ref[pl.ds(start, block_k), :])          # [bq, bk]
+    keep = None
     if masked:
       k_pos = start + jnp.arange(block_k, dtype=jnp.int32)
       keep = common.attention_mask(q_pos, k_pos, causal=causal,
                                    local_window=local_window, kv_len=kv_len)
+    if k_scale_per_tile:
+      m_new, alpha, p, p_max = softmax.online_softmax_tile_scale(
+          m, s, keep, q_scale, k_scale_ref[j], sas, convert, guard, biased=magic)
     else:
-      keep = True
-    m_new, alpha, p = common.online_softmax_update(m, s, keep, sas)
-    p_q, p_scale = common.quantize_rows(p)                     # [bq, bk] int8
+      t = softmax.biased_to_f32(s) if magic else s.astype(jnp.float32)
+      t = t * k_scale_ref[pl.ds(start, block_k)][None, :]
+      m_new, alpha, p, p_max = softmax.online_softmax(m, t, keep, q_scale, sas, convert,
+                                                      guard)
+    p_q, p_scale, code_sum = softmax.quantize_rows(
+        p, convert, guard, rounding=block_sizes.p_rounding, row_max=p_max)
+    pv_scale = p_scale * v_scale_ref[j]
+    l = l * alpha + code_sum * p_scale
     v_t = v_t_ref[:, pl.ds(start, block_k)]                    # [D, bk] int8
-    if pv_dtype == "int8":
-      pv = compat.triton_dot(p_q, v_t, trans_b=True, preferred_element_type=jnp.int32)
-    else:  # exact: integer-valued f16 operands, f32 sums below 2**24
+    if block_sizes.pv_dtype == "float16":  # exact: integer-valued f16 operands, f32 sums
       pv = compat.triton_dot(p_q.astype(jnp.float16), v_t.astype(jnp.float16),
                              trans_b=True, preferred_element_type=jnp.float32)
-    pv = pv.astype(jnp.float32) * (p_scale * v_scale_ref[j])[:, None]
-    l_tile = jnp.sum(p_q.astype(jnp.float32), axis=-1) * p_scale
-    return m_new, l * alpha + l_tile, acc * alpha[:, None] + pv
+    elif not magic:
+      pv = int8_dot(p_q, v_t).astype(jnp.float32)
+    else:
+      return m_new, l, softmax.rescale_accumulate(acc, alpha, int8_dot(p_q, v_t), pv_scale)
+    return m_new, l, acc * alpha[:, None] + pv * pv_scale[:, None]
 
   head_dim = q_ref.shape[-1]
   carry = (jnp.full((block_q,), common.MASKED_MAX, jnp.float32),
@@ -202,13 +239,16 @@ def _prefill_kernel(
   o_ref[...] = reference.finalize(state, q_scale[:, None]).astype(o_ref.dtype)
   if residual_refs:
     m_ref, l_ref = residual_refs
-    m_ref[...] = jnp.where(row_valid, m, common.MASKED_MAX)
+    m_ref[...] = jnp.where(row_valid & (m > common.MASKED_MAX), m * q_scale,
+                           common.MASKED_MAX)
     l_ref[...] = jnp.where(row_valid, l, 0.0)
 
 
-def check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout: str) -> int:
+def check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout: str) -> tuple[int, bool]:
   """Shapes of the transposed-V prefill inputs (this kernel's and Mosaic GPU's);
-  returns ``block_k``, the key tile that ``v_scale``'s shape fixes."""
+  returns ``block_k``, the key tile that ``v_scale``'s shape fixes, and
+  whether ``k_scale`` holds one scale per key tile (``[B, Hk, Tk // block_k]``)
+  rather than one per key."""
   b, hq, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
   if out_layout not in ("bhtd", "bthd"):
@@ -217,12 +257,13 @@ def check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout: str) -> int:
     raise ValueError(f"query heads {hq=} must be a multiple of KV heads {hk=}")
   if v_t.shape != (b, hk, d, tk):
     raise ValueError(f"v_t must be [B, Hk, D, Tk] = {(b, hk, d, tk)}, got {v_t.shape}")
-  if q_scale.shape != (b, hq, tq) or k_scale.shape != (b, hk, tk):
-    raise ValueError(f"scale shapes {q_scale.shape=} {k_scale.shape=} do not match")
   n_v_tiles = v_scale.shape[-1]
   if v_scale.shape != (b, hk, n_v_tiles) or tk % n_v_tiles:
     raise ValueError(f"v_scale {v_scale.shape} must be [B, Hk, Tk // block_k] for {tk=}")
-  return tk // n_v_tiles
+  if q_scale.shape != (b, hq, tq) or k_scale.shape not in ((b, hk, tk), (b, hk, n_v_tiles)):
+    raise ValueError(f"scale shapes {q_scale.shape=} {k_scale.shape=} do not match: "
+                     f"q_scale [B, Hq, Tq], k_scale [B, Hk, Tk] or [B, Hk, Tk // block_k]")
+  return tk // n_v_tiles, k_scale.shape[-1] != tk
 
 
 def _pad_to(x, axis: int, size: int):
@@ -259,7 +300,10 @@ def flashq_prefill(
   Args:
     q: int8 [B, Hq, Tq, D]; q_scale: f32 [B, Hq, Tq], per token, softmax scale
       (and ``log2 e`` for base 2) folded in.
-    k: int8 [B, Hk, Tk, D] (smoothed); k_scale: f32 [B, Hk, Tk].
+    k: int8 [B, Hk, Tk, D] (smoothed); k_scale: f32 [B, Hk, Tk] (per key), or
+      [B, Hk, Tk // block_k] (one scale per key tile, as quantized with
+      ``per_token_scales=False``: folded into the exponent's one FMA a
+      logit, ``softmax.online_softmax_tile_scale``).
     v_t: int8 [B, Hk, D, Tk]; v_scale: f32 [B, Hk, Tk // block_k], one scale
       per key tile (this shape fixes ``block_k``).
     sas: SAS exponent parameters (``exact=True``: ``exp2``, no sparsity).
@@ -270,6 +314,7 @@ def flashq_prefill(
     block_sizes: ``BlockSizes``; ``None`` uses ``BlockSizes.get_default`` with
       ``block_k`` taken from ``v_scale``. ``Tq`` need not be a multiple of
       ``block_q`` (the query block is padded here).
+    interpret: run the kernel body with XLA on any backend (tests).
     out_dtype: dtype of the output (the reference returns f32).
     out_layout: "bhtd" ([B, Hq, Tq, D]) or "bthd" ([B, Tq, Hq, D], the
       ``jax.nn.dot_product_attention`` layout, written in place).
@@ -280,7 +325,7 @@ def flashq_prefill(
   """
   b, hq, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
-  block_k = check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout)
+  block_k, k_scale_per_tile = check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout)
   n_v_tiles = tk // block_k
   if block_sizes is None:
     block_sizes = dataclasses.replace(
@@ -306,7 +351,7 @@ def flashq_prefill(
       pl.BlockSpec((None, None, block_q, d_pad), lambda b_, h, i: (b_, h, i, 0)),
       pl.BlockSpec((None, None, block_q), lambda b_, h, i: (b_, h, i)),
       pl.BlockSpec((None, None, tk, d_pad), lambda b_, h, i: (b_, h // groups, 0, 0)),
-      pl.BlockSpec((None, None, tk), lambda b_, h, i: (b_, h // groups, 0)),
+      pl.BlockSpec((None, None, k_scale.shape[-1]), lambda b_, h, i: (b_, h // groups, 0)),
       pl.BlockSpec((None, None, d_pad, tk), lambda b_, h, i: (b_, h // groups, 0, 0)),
       pl.BlockSpec((None, None, n_v_tiles), lambda b_, h, i: (b_, h // groups, 0)),
   ]
@@ -322,7 +367,8 @@ def flashq_prefill(
 
   kernel = functools.partial(
       _prefill_kernel, sas=sas, causal=causal, local_window=local_window,
-      block_q=block_q, block_k=block_k, pv_dtype=block_sizes.pv_dtype)
+      block_q=block_q, block_k=block_k, block_sizes=block_sizes,
+      k_scale_per_tile=k_scale_per_tile, interpret=bool(interpret))
   outs = pl.pallas_call(
       kernel,
       grid=(b, hq, tq_pad // block_q),
@@ -348,9 +394,12 @@ def flashq_prefill_reference(
     block_sizes: BlockSizes | None = None, interpret: bool = False,
     debug: bool = False, return_residuals: bool = False, out_dtype=jnp.float32,
     out_layout: str = "bhtd", quantize_p: bool = True):
-  """``flashq_prefill``'s inputs through ``reference.flashq_prefill_reference``."""
+  """``flashq_prefill``'s inputs through ``reference.flashq_prefill_reference``
+  (a K scale per tile repeated over its keys)."""
   del block_sizes, interpret, debug  # the reference has no tiles but block_k
   block_k = k.shape[2] // v_scale.shape[-1]
+  if k_scale.shape[-1] != k.shape[2]:  # one scale per key tile
+    k_scale = jnp.repeat(k_scale, block_k, axis=-1)
   res = reference.flashq_prefill_reference(
       q, q_scale, k, k_scale, jnp.swapaxes(v_t, -1, -2), v_scale, block_k=block_k,
       sas=sas, causal=causal, query_offset=query_offset, q_lengths=q_lengths,

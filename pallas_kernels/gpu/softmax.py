@@ -44,16 +44,35 @@ def broadcast_cols(x, shape):
 # with int8 tensor cores one conversion per logit costs as much as the
 # matmuls. Adding 1.5 * 2**23 puts an integer |i| < 2**22 into the mantissa of
 # a float whose exponent is fixed, so a bit cast and one add convert exactly.
+# An int8 dot whose int32 accumulator starts at ``MAGIC_I`` (free in the
+# tensor cores) yields these "biased" bits directly.
 _MAGIC_F = 12582912.0   # 1.5 * 2**23
-_MAGIC_I = 0x4B400000   # its bits
+MAGIC_I = 0x4B400000    # its bits
 _ONE_BITS = 0x3F800000  # bits of 1.0
+
+
+def biased_to_f32(bits):
+  """Exact ``float32(x)`` from int32 ``bits = x + MAGIC_I``, ``|x| < 2**22``."""
+  return lax.bitcast_convert_type(bits, jnp.float32) - _MAGIC_F
 
 
 def i32_to_f32(x, convert: str = "magic"):
   """Exact ``float32(x)`` for int32 ``|x| < 2**22`` (int8 dots of <= 128 terms)."""
   if convert == "cvt":
     return x.astype(jnp.float32)
-  return lax.bitcast_convert_type(x + _MAGIC_I, jnp.float32) - _MAGIC_F
+  return biased_to_f32(x + MAGIC_I)
+
+
+def rescale_accumulate(acc, alpha, pv_bits, scale):
+  """``acc * alpha + f32(pv) * scale`` (``alpha``, ``scale`` per row) from the
+  biased bits ``pv_bits = pv + MAGIC_I``, as two FMAs an element: the
+  conversion's ``- 1.5 * 2**23`` is folded into the rescale's addend. That
+  addend rounds at ``|1.5 * 2**23 * scale|``, about half a unit of ``pv``,
+  where P's INT8 rounding alone moves ``pv`` by hundreds of units."""
+  shape = acc.shape
+  pv = lax.bitcast_convert_type(pv_bits, jnp.float32)
+  rescaled = acc * broadcast_rows(alpha, shape) - broadcast_rows(_MAGIC_F * scale, shape)
+  return rescaled + pv * broadcast_rows(scale, shape)
 
 
 def floor_small(y, convert: str = "magic", guard: bool = True):
@@ -69,7 +88,7 @@ def floor_small(y, convert: str = "magic", guard: bool = True):
   """
   if convert == "cvt":  # y >= 0: truncation is floor
     i = y.astype(jnp.int32)
-    return i.astype(jnp.float32), i + _MAGIC_I
+    return i.astype(jnp.float32), i + MAGIC_I
   # Round to nearest even; the barrier keeps XLA from folding ``+M-M`` to a
   # no-op (LLVM does not reassociate without fast-math flags).
   if guard:
@@ -126,7 +145,8 @@ def online_softmax(m_old, t, keep, q_scale, sas: SASParams, convert: str = "magi
 
 
 def online_softmax_tile_scale(m_old, s, keep, q_scale, k_scale, sas: SASParams,
-                              convert: str = "magic", guard: bool = True):
+                              convert: str = "magic", guard: bool = True,
+                              biased: bool = False):
   """``online_softmax`` for one K scale per key tile (scalar ``k_scale``):
   then the row max needs no scaled logits and the scales fold into the
   exponent's one FMA a logit. ``b = bits(s + 1.5 * 2**23)`` read as f32 is
@@ -137,8 +157,8 @@ def online_softmax_tile_scale(m_old, s, keep, q_scale, k_scale, sas: SASParams,
   multiply). Same ``(m, alpha, p, p_max)`` as ``online_softmax`` up to the
   rounding of the FMA's row constant, about ``c / 2`` in the exponent (a
   relative 1e-5 in ``p`` for logits of a few units; P is rounded to bf16 or
-  INT8 codes after it)."""
-  b = lax.bitcast_convert_type(s + _MAGIC_I, jnp.float32)
+  INT8 codes after it). ``biased``: ``s`` holds ``s + MAGIC_I`` already."""
+  b = lax.bitcast_convert_type(s if biased else s + MAGIC_I, jnp.float32)
   if keep is not None:
     b = jnp.where(keep, b, 0.0)  # below every valid b (>= 2**22)
   b_max = b.max(axis=1)
@@ -174,8 +194,9 @@ def quantize_rows(p, convert: str = "magic", guard: bool = True,
   """``common.quantize_rows`` for non-negative 2-D ``p``, plus ``sum(p8)``.
 
   Returns ``(p8, p_scale, code_sum)``: int8 codes ``floor(p * 127 / max + 0.5)``,
-  the f32 row scale ``max / 127`` and the f32 row sum of the codes (summed as
-  integers: exact, one add a code). ``rounding="nearest_even"`` rounds
+  the f32 row scale ``max / 127`` and the f32 row sum of the codes (their
+  biased bits summed as integers, wrapping, less ``N * MAGIC_I``: exact, one
+  add a code). ``rounding="nearest_even"`` rounds
   ``p * 127 / max`` to nearest even instead (one FMA with 1.5 * 2**23 instead
   of a five-op floor; codes differ from the reference's only at exact ties).
   ``row_max``: ``p``'s row max when known (``online_softmax``'s ``p_max``).
@@ -193,6 +214,8 @@ def quantize_rows(p, convert: str = "magic", guard: bool = True,
     f = t - _MAGIC_F
   else:
     f, bits = floor_small(p * broadcast_rows(inv, p.shape) + 0.5, convert, guard)
-  codes = bits - _MAGIC_I
-  p8 = codes.astype(jnp.int8) if jnp.dtype(codes_dtype) == jnp.int8 else f.astype(codes_dtype)
-  return p8, row_max / common.INT8_MAX, i32_to_f32(codes.sum(axis=1), convert)
+  # The low byte of ``bits`` is the code (``MAGIC_I``'s is zero); int32 sums wrap.
+  p8 = bits.astype(jnp.int8) if jnp.dtype(codes_dtype) == jnp.int8 else f.astype(codes_dtype)
+  bias = (p.shape[1] * MAGIC_I + 2**31) % 2**32 - 2**31      # N * MAGIC_I as an int32
+  code_sum = bits.sum(axis=1) - jnp.int32(bias)
+  return p8, row_max / common.INT8_MAX, i32_to_f32(code_sum, convert)

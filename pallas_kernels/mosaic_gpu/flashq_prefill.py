@@ -531,12 +531,8 @@ def flashq_prefill(
   hk, tk = k.shape[1], k.shape[2]
   v_codes_bf16 = v_t.dtype == jnp.bfloat16  # V's codes, not transposed
   v_shape = (v_t.shape[:2] + v_t.shape[:1:-1]) if v_codes_bf16 else v_t.shape
-  k_scale_per_tile = k_scale.ndim == 3 and k_scale.shape[-1] == v_scale.shape[-1] != tk
-  k_scale_tokens = (jax.ShapeDtypeStruct(k_scale.shape[:2] + (tk,), k_scale.dtype)
-                    if k_scale_per_tile else k_scale)
-  block_k = gpu_flashq_prefill.check_inputs(
-      q, q_scale, k, k_scale_tokens, jax.ShapeDtypeStruct(v_shape, v_t.dtype), v_scale,
-      out_layout)
+  block_k, k_scale_per_tile = gpu_flashq_prefill.check_inputs(
+      q, q_scale, k, k_scale, jax.ShapeDtypeStruct(v_shape, v_t.dtype), v_scale, out_layout)
   n_v_tiles = tk // block_k
   if q.dtype != jnp.int8 or k.dtype != jnp.int8 or v_t.dtype not in (jnp.int8, jnp.bfloat16):
     raise ValueError(f"q, k must be int8 and v_t int8 (or bf16 codes), got {q.dtype}, "
@@ -658,9 +654,6 @@ def flashq_prefill_reference(q, q_scale, k, k_scale, v_t, v_scale, *,
   with P quantized or not as ``block_sizes.quantize_p`` says, and a K scale
   per tile repeated over its keys."""
   quantize_p = block_sizes is None or block_sizes.quantize_p
-  tk = k.shape[2]
-  if k_scale.shape[-1] != tk:
-    k_scale = jnp.repeat(k_scale, tk // k_scale.shape[-1], axis=-1)
   return gpu_flashq_prefill.flashq_prefill_reference(
       q, q_scale, k, k_scale, v_t, v_scale, quantize_p=quantize_p, **kwargs)
 
