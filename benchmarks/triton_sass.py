@@ -10,8 +10,8 @@ Pallas prints the Triton IR it emits when a kernel is traced with
 ``debug=True``; this script exports the kernel for CUDA (``jax.export``, no GPU
 needed), compiles that IR with the installed Triton for sm_90a and prints, per
 Triton module: registers per thread (``ptxas -v``), shared memory, and the
-instruction mix of the longest loop in the SASS (the whole kernel when it has
-no loop). The numbers track the device's within ~10% (jaxlib bundles its own
+instruction mix of each loop in the SASS, in program order (the whole kernel
+when it has no loop; prefill: the unmasked key tiles, then the masked ones). The numbers track the device's within ~10% (jaxlib bundles its own
 Triton build), which is enough to compare variants before spending GPU time.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import functools
 import io
 import os
@@ -30,7 +31,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import compat, reference
+from pallas_kernels import compat, reference, tuned_block_sizes
 from pallas_kernels.gpu import append_token as at
 from pallas_kernels.gpu import flashq_decode as fd
 from pallas_kernels.gpu import flashq_prefill as fp
@@ -98,18 +99,21 @@ def compile_and_report(ttir: str, *, num_warps: int, num_stages: int) -> str:
     sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin],
                           capture_output=True, text=True, check=True).stdout
   regs = re.search(r"Used (\d+) registers", info.stdout + info.stderr).group(1)
+  spills = re.search(r"(\d+) bytes spill stores", info.stdout + info.stderr)
   instrs = [(int(m.group(1), 16), m.group(2).strip()) for m in
             re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
-  loops = [(int(m.group(1), 16), addr) for addr, text in instrs
-           if (m := re.search(r"BRA (0x[0-9a-f]+)", text)) and int(m.group(1), 16) < addr]
-  lo, hi = max(loops, key=lambda r: r[1] - r[0]) if loops else (0, instrs[-1][0])
-  ops = collections.Counter(
-      re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
-      for addr, text in instrs if lo <= addr <= hi)
-  where = "longest loop" if loops else "kernel"
-  mix = " ".join(f"{op}:{n}" for op, n in ops.most_common(16))
-  return (f"{regs} registers, {kernel.metadata.shared} B shared; {where}: "
-          f"{sum(ops.values())} instructions per thread\n    {mix}")
+  loops = sorted((int(m.group(1), 16), addr) for addr, text in instrs
+                 if (m := re.search(r"BRA (0x[0-9a-f]+)", text)) and int(m.group(1), 16) < addr)
+  spilled = f" ({spills.group(1)} B spilled)" if spills and int(spills.group(1)) else ""
+  lines = [f"{regs} registers{spilled}, {kernel.metadata.shared} B shared"]
+  for where, (lo, hi) in ([(f"loop {i}", r) for i, r in enumerate(loops)] if loops
+                          else [("kernel", (0, instrs[-1][0]))]):
+    ops = collections.Counter(
+        re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+        for addr, text in instrs if lo <= addr <= hi)
+    mix = " ".join(f"{op}:{n}" for op, n in ops.most_common(16))
+    lines.append(f"  {where}: {sum(ops.values())} instructions per thread\n    {mix}")
+  return "\n".join(lines)
 
 
 def decode_case(args):
@@ -124,14 +128,18 @@ def decode_case(args):
 
 
 def prefill_case(args):
+  """The API's default path on an H100: its tuned blocks, one K scale per key tile."""
   b, hq, hk, t, d = 2, 32, 32, 4096, args.head_dim
-  bs = fp.BlockSizes(block_q=64, block_k=64, num_warps=args.warps or 4,
-                     num_stages=args.stages or 3)
+  bs = fp.BlockSizes.get_default(head_dim=d, seq_len_q=t, seq_len_k=t,
+                                 device_kind=tuned_block_sizes.H100_SXM)
+  bs = dataclasses.replace(bs, num_warps=args.warps or bs.num_warps,
+                           num_stages=args.stages or bs.num_stages)
+  tiles = t // bs.block_k
   fn = functools.partial(fp.flashq_prefill, sas=SASParams(exact=args.exp2), causal=False,
                          block_sizes=bs, debug=True)
   return fn, (S((b, hq, t, d), jnp.int8), S((b, hq, t), jnp.float32),
-              S((b, hk, t, d), jnp.int8), S((b, hk, t), jnp.float32),
-              S((b, hk, d, t), jnp.int8), S((b, hk, t // 64), jnp.float32))
+              S((b, hk, t, d), jnp.int8), S((b, hk, t if args.per_token_k else tiles), jnp.float32),
+              S((b, hk, d, t), jnp.int8), S((b, hk, tiles), jnp.float32))
 
 
 def quantize_case(args):
@@ -164,6 +172,8 @@ def main(argv=None):
   parser.add_argument("--stages", type=int, help="default: the kernel's tuned value")
   parser.add_argument("--sas-polynomial", dest="exp2", action="store_false",
                       help="the SAS polynomial instead of exp2 (the GPU default)")
+  parser.add_argument("--per-token-k", action="store_true",
+                      help="prefill: K scales per key (per_token_scales=True)")
   args = parser.parse_args(argv)
   fn, fn_args = CASES[args.kernel](args)
   sizes = fn.keywords.get("block_sizes")
