@@ -2,7 +2,7 @@
 
 Run on a CUDA GPU (writes JSON with every record, prints a table last):
 
-  PYTHONPATH=. python3 benchmarks/kernels_gpu.py --out /tmp/out [--sweep] \
+  PYTHONPATH=. python3 benchmarks/kernels_gpu.py --out /tmp/out [--sweep | --final | --softmax] \
       [--sections prefill,decode]
 
 Timing: each function is jitted; after warm-up, ``--iters`` calls are queued
@@ -118,6 +118,19 @@ PREFILL_FINAL = [
     fp.BlockSizes(block_q=128, block_k=64, num_warps=8, num_stages=3, pv_dtype="float16"),
     fp.BlockSizes(block_q=64, block_k=128, num_warps=4, num_stages=3, pv_dtype="float16"),
 ]
+# The softmax's element-wise variants at the tuned tiles (session 10, exp2 only):
+# hardware conversions (I2F/F2I/FRND on the MUFU pipe) or the magic ones, P
+# rounded half up or to nearest even, K's scale per key or per key tile.
+_TUNED = dict(block_q=64, block_k=64, num_warps=4, num_stages=3)
+PREFILL_SOFTMAX = {
+    f"{convert}_{rounding}_{k}_k": (
+        fp.BlockSizes(**_TUNED, convert=convert, p_rounding=rounding), k == "tile")
+    for convert, rounding, k in [
+        ("cvt", "half_up", "token"), ("magic", "half_up", "token"),
+        ("magic", "nearest_even", "token"), ("cvt", "nearest_even", "tile"),
+        ("magic", "nearest_even", "tile")]}
+PREFILL_SOFTMAX["magic_nearest_even_tile_k_bq128_w8"] = (fp.BlockSizes(
+    block_q=128, block_k=64, num_warps=8, num_stages=3, p_rounding="nearest_even"), True)
 SAS_CHOICES = {"exp2": SASParams(exact=True), "sas_poly_bf16": SASParams()}
 
 
@@ -141,22 +154,29 @@ def prefill_section(args):
     record(section="prefill", impl="cudnn_bf16", case=f"causal={causal}",
            tflops=eff / r["ms"] / 1e9, **r)
 
-  configs = (PREFILL_SWEEP if args.sweep else PREFILL_FINAL if args.final
-             else PREFILL_SWEEP[:1])
-  if PROFILE:
-    configs = PREFILL_FINAL[:1]
-  for n_config, bs in enumerate(configs):
+  if args.softmax:
+    configs = [(name, bs, tile_k, ["exp2"]) for name, (bs, tile_k) in PREFILL_SOFTMAX.items()]
+  else:
+    configs = (PREFILL_SWEEP if args.sweep else PREFILL_FINAL if args.final
+               else PREFILL_SWEEP[:1])
+    if PROFILE:
+      configs = PREFILL_FINAL[:1]
     # Final mode: the SAS polynomial only for the first two configs.
-    sas_names = (["exp2"] if args.final and n_config >= 2 else list(SAS_CHOICES))
+    configs = [("", bs, False, ["exp2"] if args.final and n >= 2 else list(SAS_CHOICES))
+               for n, bs in enumerate(configs)]
+  for variant, bs, tile_k, sas_names in configs:
     quant = jax.jit(functools.partial(
         qz.quantize_qkv, block_q=bs.block_q, block_k=bs.block_k, sm_scale=sm_scale,
-        log2e_fold=True, smooth_k=True, k_per_token=True, layout="bthd", interpret=SMOKE))
+        log2e_fold=True, smooth_k=True, k_per_token=not tile_k, layout="bthd",
+        interpret=SMOKE))
     rq = safe(timeit)(quant, q, k, v, iters=args.iters, repeats=args.repeats)
     if rq is None:
       continue
     record(section="prefill", impl="quantize_qkv", case=f"block_k={bs.block_k}",
            tbps=(3 * q.nbytes + 1.5 * q.nbytes) / rq["ms"] / 1e9, **rq)
     qkv = quant(q, k, v)
+    if tile_k:  # K quantized per block_k keys: one scale per key tile
+      qkv = qkv[:3] + (qkv[3][..., ::bs.block_k],) + qkv[4:]
     for causal in ((False,) if PROFILE else (False, True)):
       for sas_name in (["exp2"] if PROFILE else sas_names):
         sas = SAS_CHOICES[sas_name]
@@ -170,7 +190,8 @@ def prefill_section(args):
         err = float("nan") if cudnn_out is None else relerr(kern(*qkv), cudnn_out)
         eff = flops / (2 if causal else 1)
         total = r["ms"] + rq["ms"]
-        record(section="prefill", impl=f"triton_{sas_name}", case=f"causal={causal}",
+        record(section="prefill", impl=f"triton_{sas_name}{'_' if variant else ''}{variant}",
+               case=f"causal={causal}",
                block_sizes=dataclasses.asdict(bs), kernel_ms=r["ms"], quant_ms=rq["ms"],
                ms=total, ratio_vs_cudnn=cudnn_ms / total,
                kernel_ratio_vs_cudnn=cudnn_ms / r["ms"],
@@ -331,6 +352,8 @@ def main(argv=None):
                       help="one config per kernel, two launches each (for ncu)")
   parser.add_argument("--final", action="store_true",
                       help="time the short list of best and candidate configs")
+  parser.add_argument("--softmax", action="store_true",
+                      help="prefill: the softmax's conversion / rounding / K-scale variants")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--tag", default="")
@@ -359,7 +382,7 @@ def main(argv=None):
       print("FAILED", rec["failed"], rec["args"][:200])
       continue
     bs = rec.get("block_sizes")
-    print(f"{rec['section']:8s} {rec['impl']:26s} {rec['case']:28s} {rec['ms']:9.4f} ms"
+    print(f"{rec['section']:8s} {rec['impl']:44s} {rec['case']:28s} {rec['ms']:9.4f} ms"
           f"  ratio={rec.get('ratio_vs_cudnn', float('nan')):.3f}"
           f"  kr={rec.get('kernel_ratio_vs_cudnn', float('nan')):.3f}"
           f"  err={rec.get('relerr', float('nan')):.3g}  {bs if bs else ''}")
