@@ -114,9 +114,9 @@ PREFILL_SWEEP = [
 # Measured best of the first sweep, the f16 P.V variant, and larger tiles.
 PREFILL_FINAL = [
     fp.BlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=3),
-    fp.BlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=3, pv_dtype="float16"),
-    fp.BlockSizes(block_q=128, block_k=64, num_warps=8, num_stages=3, pv_dtype="float16"),
-    fp.BlockSizes(block_q=64, block_k=128, num_warps=4, num_stages=3, pv_dtype="float16"),
+    fp.BlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=3, pv_dtype="bfloat16"),
+    fp.BlockSizes(block_q=128, block_k=64, num_warps=8, num_stages=3, pv_dtype="bfloat16"),
+    fp.BlockSizes(block_q=64, block_k=128, num_warps=4, num_stages=3, pv_dtype="bfloat16"),
 ]
 # The softmax's element-wise variants at the tuned tiles (session 10, exp2 only):
 # hardware conversions (I2F/F2I/FRND on the MUFU pipe) or the magic ones, P
@@ -129,8 +129,16 @@ PREFILL_SOFTMAX = {
         ("cvt", "half_up", "token"), ("magic", "half_up", "token"),
         ("magic", "nearest_even", "token"), ("cvt", "nearest_even", "tile"),
         ("magic", "nearest_even", "tile")]}
-PREFILL_SOFTMAX["magic_nearest_even_tile_k_bq128_w8"] = (fp.BlockSizes(
-    block_q=128, block_k=64, num_warps=8, num_stages=3, p_rounding="nearest_even"), True)
+PREFILL_SOFTMAX.update({
+    "magic_nearest_even_tile_k_bq128_w8": (fp.BlockSizes(
+        block_q=128, block_k=64, num_warps=8, num_stages=3, p_rounding="nearest_even"), True),
+    # P.V as a bf16 dot on the integer codes, accumulating in place.
+    "magic_nearest_even_tile_k_bf16_pv": (fp.BlockSizes(
+        **_TUNED, p_rounding="nearest_even", pv_dtype="bfloat16"), True),
+    "magic_nearest_even_tile_k_bf16_pv_bq128_w8": (fp.BlockSizes(
+        block_q=128, block_k=64, num_warps=8, num_stages=3, p_rounding="nearest_even",
+        pv_dtype="bfloat16"), True),
+})
 SAS_CHOICES = {"exp2": SASParams(exact=True), "sas_poly_bf16": SASParams()}
 
 
@@ -168,7 +176,7 @@ def prefill_section(args):
     quant = jax.jit(functools.partial(
         qz.quantize_qkv, block_q=bs.block_q, block_k=bs.block_k, sm_scale=sm_scale,
         log2e_fold=True, smooth_k=True, k_per_token=not tile_k, layout="bthd",
-        interpret=SMOKE))
+        v_codes_dtype=jnp.dtype(bs.pv_dtype), interpret=SMOKE))
     rq = safe(timeit)(quant, q, k, v, iters=args.iters, repeats=args.repeats)
     if rq is None:
       continue

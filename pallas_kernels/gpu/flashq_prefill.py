@@ -54,10 +54,12 @@ class BlockSizes:
       quantize V with this block (call ``get_default`` before quantizing).
     num_warps, num_stages: Triton launch parameters.
     pv_dtype: operands of the P.V dot. "int8": int8 x int8 -> int32.
-      "float16": the same integer values (P codes 0..127, V codes) as f16
-      with f32 accumulation, exact (products < 2**14, sums < 2**24 for
-      block_k <= 1024), which spares Triton the shared-memory round trip of
-      an 8-bit A operand built from the accumulator layout.
+      "bfloat16": the same integer values (P codes 0..127, V codes) as bf16,
+      exact (products < 2**14, sums < 2**24 for block_k <= 1024), V's codes
+      read as bf16 ``[B, Hk, Tk, D]`` (``quantize_qkv(v_codes_dtype=...)``)
+      and accumulated in place (the accumulator kept in units of the last
+      tile's P.V scale, ``softmax.rescale_to_tile_unit``): no conversion or
+      scaling per output element, at half the int8 tensor rate.
     convert: "magic" converts int32 <-> f32 exactly with a bit cast and an
       add (FMA/ALU pipes); "cvt" with hardware conversions. Same results.
     p_rounding: "half_up" quantizes P exactly as the reference
@@ -82,8 +84,8 @@ class BlockSizes:
       raise ValueError(f"num_warps={self.num_warps!r} must be one of {_NUM_WARPS}")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages!r} must be an int >= 1")
-    if self.pv_dtype not in ("int8", "float16"):
-      raise ValueError(f"pv_dtype={self.pv_dtype!r} must be 'int8' or 'float16'")
+    if self.pv_dtype not in ("int8", "bfloat16"):
+      raise ValueError(f"pv_dtype={self.pv_dtype!r} must be 'int8' or 'bfloat16'")
     if self.block_k > 1024:
       raise ValueError(f"block_k={self.block_k} must be <= 1024 (exact f32 sums)")
     if self.convert not in ("magic", "cvt"):
@@ -146,7 +148,7 @@ def _prefill_kernel(
     q_scale_ref,  # [block_q] f32 (softmax scale folded in)
     k_ref,        # [Tk, D] int8
     k_scale_ref,  # [Tk] f32, or [Tk // block_k] (one scale per key tile)
-    v_t_ref,      # [D, Tk] int8
+    v_t_ref,      # [D, Tk] int8, or V's codes [Tk, D] bf16 (pv_dtype "bfloat16")
     v_scale_ref,  # [Tk // block_k] f32
     o_ref,        # [block_q, D]
     *residual_refs,  # m, l: [block_q] f32
@@ -155,6 +157,7 @@ def _prefill_kernel(
   num_k_tiles = k_ref.shape[0] // block_k
   convert, guard = block_sizes.convert, interpret
   magic = convert == "magic"
+  bf16_pv = block_sizes.pv_dtype == "bfloat16"
   row0 = pl.program_id(2) * block_q
   offset = offset_ref[()]
   q_len = q_len_ref[()]
@@ -192,7 +195,7 @@ def _prefill_kernel(
     return out + softmax.MAGIC_I if magic else out
 
   def tile(j, carry, *, masked: bool):
-    m, l, acc = carry   # m in units of logits / q_scale (``softmax.online_softmax``)
+    m, l, acc, unit = carry   # m in units of logits / q_scale (``softmax.online_softmax``)
     start = pl.multiple_of(j * block_k, block_k)
     s = int8_dot(q, k_ref[pl.ds(start, block_k), :])          # [bq, bk]
     keep = None
@@ -209,29 +212,33 @@ def _prefill_kernel(
       m_new, alpha, p, p_max = softmax.online_softmax(m, t, keep, q_scale, sas, convert,
                                                       guard)
     p_q, p_scale, code_sum = softmax.quantize_rows(
-        p, convert, guard, rounding=block_sizes.p_rounding, row_max=p_max)
+        p, convert, guard, rounding=block_sizes.p_rounding, row_max=p_max,
+        codes_dtype=jnp.bfloat16 if bf16_pv else jnp.int8)
     pv_scale = p_scale * v_scale_ref[j]
     l = l * alpha + code_sum * p_scale
-    v_t = v_t_ref[:, pl.ds(start, block_k)]                    # [D, bk] int8
-    if block_sizes.pv_dtype == "float16":  # exact: integer-valued f16 operands, f32 sums
-      pv = compat.triton_dot(p_q.astype(jnp.float16), v_t.astype(jnp.float16),
-                             trans_b=True, preferred_element_type=jnp.float32)
-    elif not magic:
-      pv = int8_dot(p_q, v_t).astype(jnp.float32)
-    else:
-      return m_new, l, softmax.rescale_accumulate(acc, alpha, int8_dot(p_q, v_t), pv_scale)
-    return m_new, l, acc * alpha[:, None] + pv * pv_scale[:, None]
+    if bf16_pv:  # exact integer-valued operands, accumulated in place
+      acc, unit = softmax.rescale_to_tile_unit(acc, alpha, unit, pv_scale)
+      v = v_t_ref[pl.ds(start, block_k), :]                    # [bk, D] bf16 codes
+      acc = acc + jnp.dot(p_q, v, preferred_element_type=jnp.float32)
+      return m_new, l, acc, unit
+    pv = int8_dot(p_q, v_t_ref[:, pl.ds(start, block_k)])     # v_t: [D, bk] int8
+    if magic:
+      return m_new, l, softmax.rescale_accumulate(acc, alpha, pv, pv_scale), unit
+    return m_new, l, acc * alpha[:, None] + pv.astype(jnp.float32) * pv_scale[:, None], unit
 
   head_dim = q_ref.shape[-1]
   carry = (jnp.full((block_q,), common.MASKED_MAX, jnp.float32),
            jnp.zeros((block_q,), jnp.float32),
-           jnp.zeros((block_q, head_dim), jnp.float32))
+           jnp.zeros((block_q, head_dim), jnp.float32),
+           jnp.ones((block_q,), jnp.float32))
   masked_tile = functools.partial(tile, masked=True)
   if local_window is not None:
     carry = jax.lax.fori_loop(lo, lo_full, masked_tile, carry)
   carry = jax.lax.fori_loop(lo_full, hi_full, functools.partial(tile, masked=False), carry)
   carry = jax.lax.fori_loop(hi_full, hi, masked_tile, carry)
-  m, l, acc = carry
+  m, l, acc, unit = carry
+  if bf16_pv:
+    acc = acc * unit[:, None]
 
   row_valid = row0 + jnp.arange(block_q, dtype=jnp.int32) < q_len
   # Rows past q_len finalize as rows that saw no key (0), unless q_scale marks them NaN.
@@ -245,8 +252,8 @@ def _prefill_kernel(
 
 
 def check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout: str) -> tuple[int, bool]:
-  """Shapes of the transposed-V prefill inputs (this kernel's and Mosaic GPU's);
-  returns ``block_k``, the key tile that ``v_scale``'s shape fixes, and
+  """Shapes and dtypes of the transposed-V prefill inputs (this kernel's and
+  Mosaic GPU's; V's codes may come as bf16 ``[B, Hk, Tk, D]`` instead); returns ``block_k``, the key tile that ``v_scale``'s shape fixes, and
   whether ``k_scale`` holds one scale per key tile (``[B, Hk, Tk // block_k]``)
   rather than one per key."""
   b, hq, tq, d = q.shape
@@ -255,7 +262,13 @@ def check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout: str) -> tuple
     raise ValueError(f"{out_layout=} must be 'bhtd' or 'bthd'")
   if hq % hk:
     raise ValueError(f"query heads {hq=} must be a multiple of KV heads {hk=}")
-  if v_t.shape != (b, hk, d, tk):
+  if q.dtype != jnp.int8 or k.dtype != jnp.int8 or v_t.dtype not in (jnp.int8, jnp.bfloat16):
+    raise ValueError(f"q, k must be int8 and v_t int8 (or bf16 codes), got {q.dtype}, "
+                     f"{k.dtype}, {v_t.dtype}")
+  if v_t.dtype == jnp.bfloat16 and v_t.shape != (b, hk, tk, d):
+    raise ValueError(f"V's bf16 codes must be [B, Hk, Tk, D] = {(b, hk, tk, d)}, "
+                     f"got {v_t.shape}")
+  if v_t.dtype == jnp.int8 and v_t.shape != (b, hk, d, tk):
     raise ValueError(f"v_t must be [B, Hk, D, Tk] = {(b, hk, d, tk)}, got {v_t.shape}")
   n_v_tiles = v_scale.shape[-1]
   if v_scale.shape != (b, hk, n_v_tiles) or tk % n_v_tiles:
@@ -334,13 +347,20 @@ def flashq_prefill(
     raise ValueError(
         f"{block_sizes.block_k=} differs from the V scale tile {block_k=} "
         f"(Tk={tk}, {n_v_tiles} V scales)")
+  v_codes_bf16 = v_t.dtype == jnp.bfloat16  # V's codes, [B, Hk, Tk, D]
+  if v_codes_bf16 != (block_sizes.pv_dtype == "bfloat16"):
+    if v_codes_bf16:
+      raise ValueError("bf16 V codes ([B, Hk, Tk, D]) need BlockSizes(pv_dtype='bfloat16')")
+    v_t = jnp.swapaxes(v_t, -1, -2).astype(jnp.bfloat16)  # the quantization can write these
   block_q = block_sizes.block_q
   tq_pad = -(-tq // block_q) * block_q
   d_pad = max(MIN_BLOCK, common.next_pow2(d))
   if tq_pad != tq:
     q, q_scale = _pad_to(q, 2, tq_pad), _pad_to(q_scale, 2, tq_pad)
   if d_pad != d:  # zero channels change no integer dot
-    q, k, v_t = _pad_to(q, 3, d_pad), _pad_to(k, 3, d_pad), _pad_to(v_t, 2, d_pad)
+    q, k = _pad_to(q, 3, d_pad), _pad_to(k, 3, d_pad)
+    v_t = _pad_to(v_t, 3 if v_t.dtype == jnp.bfloat16 else 2, d_pad)
+  v_block = (tk, d_pad) if v_t.dtype == jnp.bfloat16 else (d_pad, tk)
 
   offset, q_len, kv_len = row_bounds(query_offset, q_lengths, kv_lengths, b=b, tq=tq, tk=tk)
 
@@ -352,7 +372,7 @@ def flashq_prefill(
       pl.BlockSpec((None, None, block_q), lambda b_, h, i: (b_, h, i)),
       pl.BlockSpec((None, None, tk, d_pad), lambda b_, h, i: (b_, h // groups, 0, 0)),
       pl.BlockSpec((None, None, k_scale.shape[-1]), lambda b_, h, i: (b_, h // groups, 0)),
-      pl.BlockSpec((None, None, d_pad, tk), lambda b_, h, i: (b_, h // groups, 0, 0)),
+      pl.BlockSpec((None, None) + v_block, lambda b_, h, i: (b_, h // groups, 0, 0)),
       pl.BlockSpec((None, None, n_v_tiles), lambda b_, h, i: (b_, h // groups, 0)),
   ]
   if out_layout == "bhtd":
@@ -395,13 +415,14 @@ def flashq_prefill_reference(
     debug: bool = False, return_residuals: bool = False, out_dtype=jnp.float32,
     out_layout: str = "bhtd", quantize_p: bool = True):
   """``flashq_prefill``'s inputs through ``reference.flashq_prefill_reference``
-  (a K scale per tile repeated over its keys)."""
+  (a K scale per tile repeated over its keys; V's codes int8 transposed or bf16)."""
   del block_sizes, interpret, debug  # the reference has no tiles but block_k
   block_k = k.shape[2] // v_scale.shape[-1]
   if k_scale.shape[-1] != k.shape[2]:  # one scale per key tile
     k_scale = jnp.repeat(k_scale, block_k, axis=-1)
+  v = v_t.astype(jnp.int8) if v_t.dtype == jnp.bfloat16 else jnp.swapaxes(v_t, -1, -2)
   res = reference.flashq_prefill_reference(
-      q, q_scale, k, k_scale, jnp.swapaxes(v_t, -1, -2), v_scale, block_k=block_k,
+      q, q_scale, k, k_scale, v, v_scale, block_k=block_k,
       sas=sas, causal=causal, query_offset=query_offset, q_lengths=q_lengths,
       kv_lengths=kv_lengths, local_window=local_window,
       return_residuals=return_residuals, quantize_p=quantize_p)

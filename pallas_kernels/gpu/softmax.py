@@ -125,6 +125,17 @@ def sas_exp(x, sas: SASParams, convert: str = "magic", guard: bool = True):
   return jnp.where(past, jnp.zeros((), dtype), poly * table.astype(dtype))
 
 
+def rescale_to_tile_unit(acc, alpha, unit, tile_unit):
+  """The online rescale of an accumulator kept in units of its last tile's
+  P.V scale, so that the next tile's P.V (a 16-bit dot on integer codes) can
+  accumulate into it in place: returns ``(acc * alpha * unit / new_unit,
+  new_unit)``, ``new_unit = tile_unit`` (``p_scale * v_scale``, per row) or,
+  where P's row is all zero (``tile_unit == 0``), the old ``unit``. The value
+  is ``acc * unit`` at the end."""
+  new_unit = jnp.where(tile_unit > 0.0, tile_unit, unit)
+  return acc * broadcast_rows(alpha * unit / new_unit, acc.shape), new_unit
+
+
 def online_softmax(m_old, t, keep, q_scale, sas: SASParams, convert: str = "magic",
                    guard: bool = True):
   """``common.online_softmax_update`` for a 2-D tile (``keep=None``: no mask),

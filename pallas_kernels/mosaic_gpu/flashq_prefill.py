@@ -65,7 +65,7 @@ from pallas_kernels.sas import SASParams
 from pallas_kernels.gpu import flashq_prefill as gpu_flashq_prefill
 from pallas_kernels.gpu.softmax import (
     broadcast_cols, broadcast_rows, i32_to_f32, online_softmax, online_softmax_tile_scale,
-    quantize_rows)
+    quantize_rows, rescale_to_tile_unit)
 
 plgpu = compat.plmgpu
 
@@ -317,10 +317,7 @@ def _prefill_kernel(
         p8, p_scale = p.astype(jnp.bfloat16), cast(jnp.ones_like(l), row_layout)
         l = l * alpha + p.sum(axis=1)
       if pv_dtype == "bfloat16":
-        tile_unit = p_scale * v_scale  # 0 where P's row is all zero: keep the old unit
-        new_unit = jnp.where(tile_unit > 0.0, tile_unit, unit)
-        acc = acc * broadcast_rows(alpha * unit / new_unit, acc.shape)
-        unit = new_unit
+        acc, unit = rescale_to_tile_unit(acc, alpha, unit, p_scale * v_scale)
         acc, l, m_new, unit, p8 = lax.optimization_barrier((acc, l, m_new, unit, p8))
       else:
         acc = acc * broadcast_rows(alpha, acc.shape)
@@ -530,13 +527,9 @@ def flashq_prefill(
   b, hq, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
   v_codes_bf16 = v_t.dtype == jnp.bfloat16  # V's codes, not transposed
-  v_shape = (v_t.shape[:2] + v_t.shape[:1:-1]) if v_codes_bf16 else v_t.shape
   block_k, k_scale_per_tile = gpu_flashq_prefill.check_inputs(
-      q, q_scale, k, k_scale, jax.ShapeDtypeStruct(v_shape, v_t.dtype), v_scale, out_layout)
+      q, q_scale, k, k_scale, v_t, v_scale, out_layout)
   n_v_tiles = tk // block_k
-  if q.dtype != jnp.int8 or k.dtype != jnp.int8 or v_t.dtype not in (jnp.int8, jnp.bfloat16):
-    raise ValueError(f"q, k must be int8 and v_t int8 (or bf16 codes), got {q.dtype}, "
-                     f"{k.dtype}, {v_t.dtype}")
   if local_window is not None:
     raise NotImplementedError("Mosaic GPU FlashQ prefill: local_window is not supported")
   if d not in HEAD_DIMS:

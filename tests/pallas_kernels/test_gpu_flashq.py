@@ -144,6 +144,14 @@ PREFILL_CASES = {
         dict(causal=True, kv_lengths=(256, 100), k_scale_per_tile=True),
         fp.BlockSizes(block_q=64, block_k=64, num_warps=4, p_rounding="nearest_even"),
         SAS_EXACT),
+    "bf16_pv_tile_k_exact_causal_gqa_lengths": (
+        dict(b=2, hq=4, hk=2, tq=128, tk=256, d=128),
+        dict(causal=True, kv_lengths=(256, 0), q_lengths=(128, 100), k_scale_per_tile=True),
+        fp.BlockSizes(block_q=64, block_k=64, num_warps=4, p_rounding="nearest_even",
+                      pv_dtype="bfloat16"), SAS_EXACT),
+    "bf16_pv_per_token_k_f32_sas_d64": (
+        dict(b=1, hq=2, hk=1, tq=128, tk=256, d=64), dict(causal=False),
+        fp.BlockSizes(block_q=32, block_k=64, num_warps=4, pv_dtype="bfloat16"), SAS_F32),
     "tile_k_scale_bf16_sas_window": (
         dict(b=1, hq=2, hk=1, tq=128, tk=256, d=64),
         dict(causal=False, local_window=(40, 20), k_scale_per_tile=True),
@@ -451,21 +459,24 @@ def _export_cuda(f, *args, **kwargs):
 S = jax.ShapeDtypeStruct
 
 
-@pytest.mark.parametrize("head_dim, causal, k_scales, sas, p_rounding", [
-    (64, False, "token", SAS_BF16, "half_up"),
-    (128, True, "token", SAS_BF16, "half_up"),
-    (64, True, "tile", SAS_EXACT, "nearest_even"),
-    (128, False, "tile", SAS_EXACT, "nearest_even"),
+@pytest.mark.parametrize("head_dim, causal, k_scales, sas, p_rounding, pv_dtype", [
+    (64, False, "token", SAS_BF16, "half_up", "int8"),
+    (128, True, "token", SAS_BF16, "half_up", "int8"),
+    (64, True, "tile", SAS_EXACT, "nearest_even", "int8"),
+    (128, False, "tile", SAS_EXACT, "nearest_even", "int8"),
+    (128, True, "tile", SAS_EXACT, "nearest_even", "bfloat16"),
 ])
-def test_prefill_lowers_for_cuda(head_dim, causal, k_scales, sas, p_rounding):
+def test_prefill_lowers_for_cuda(head_dim, causal, k_scales, sas, p_rounding, pv_dtype):
   b, hq, hk, tq, tk = 2, 8, 2, 256, 512
+  v = (S((b, hk, head_dim, tk), jnp.int8) if pv_dtype == "int8"
+       else S((b, hk, tk, head_dim), jnp.bfloat16))
   args = (S((b, hq, tq, head_dim), jnp.int8), S((b, hq, tq), jnp.float32),
           S((b, hk, tk, head_dim), jnp.int8),
           S((b, hk, tk if k_scales == "token" else tk // 64), jnp.float32),
-          S((b, hk, head_dim, tk), jnp.int8), S((b, hk, tk // 64), jnp.float32))
+          v, S((b, hk, tk // 64), jnp.float32))
   f = functools.partial(fp.flashq_prefill, sas=sas, causal=causal,
                         block_sizes=fp.BlockSizes(block_q=128, block_k=64,
-                                                  p_rounding=p_rounding),
+                                                  p_rounding=p_rounding, pv_dtype=pv_dtype),
                         return_residuals=True)
   _export_cuda(f, *args, kv_lengths=S((b,), jnp.int32))
 
@@ -524,6 +535,25 @@ def test_quantize_lowers_for_cuda():
                         log2e_fold=True, smooth_k=True)
   _export_cuda(f, S((2, 8, 256, 128), jnp.bfloat16), S((2, 2, 256, 128), jnp.bfloat16),
                S((2, 2, 256, 128), jnp.bfloat16))
+
+
+def test_prefill_takes_v_codes_in_bf16():
+  """V's codes as bf16 [B, Hk, Tk, D] (what the quantization pass writes for a
+  bf16 P.V) give the same result as the transposed int8 codes."""
+  q, q_scale, k, k_scale, v_t, v_scale = prefill_inputs(
+      3, b=1, hq=2, hk=1, tq=64, tk=128, d=64, block_k=64)
+  bs = fp.BlockSizes(block_q=32, block_k=64, num_warps=4, pv_dtype="bfloat16")
+  v_codes = jnp.swapaxes(v_t, -1, -2).astype(jnp.bfloat16)
+  kw = dict(sas=SAS_F32, block_sizes=bs, causal=True, interpret=True)
+  got = fp.flashq_prefill(q, q_scale, k, k_scale, v_codes, v_scale, **kw)
+  np.testing.assert_array_equal(
+      np.asarray(got), np.asarray(fp.flashq_prefill(q, q_scale, k, k_scale, v_t, v_scale, **kw)))
+  ref = fp.flashq_prefill_reference(q, q_scale, k, k_scale, v_codes, v_scale, sas=SAS_F32,
+                                    causal=True)
+  assert relerr(got, ref) <= 1e-4
+  with pytest.raises(ValueError, match="pv_dtype"):
+    fp.flashq_prefill(q, q_scale, k, k_scale, v_codes, v_scale, sas=SAS_F32,
+                      block_sizes=dataclasses.replace(bs, pv_dtype="int8"), interpret=True)
 
 
 def test_prefill_names_a_misshapen_k_scale():

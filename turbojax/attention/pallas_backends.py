@@ -118,7 +118,8 @@ def triton_prefill(query, key, value, extras: Extras, call: Call):
   block_sizes = gpu_prefill.BlockSizes.get_default(
       head_dim=query.shape[-1], seq_len_q=query.shape[1], seq_len_k=key.shape[1])
   return _gpu_prefill(functools.partial(gpu_prefill.flashq_prefill, block_sizes=block_sizes),
-                      block_sizes.block_k, query, key, value, extras, call)
+                      block_sizes.block_k, query, key, value, extras, call,
+                      v_codes_dtype=jnp.dtype(block_sizes.pv_dtype))
 
 
 TRITON = Backend(name="triton", platforms=("gpu",), prefill=triton_prefill,
