@@ -117,7 +117,7 @@ def compile_and_report(ttir: str, *, num_warps: int, num_stages: int) -> str:
 
 
 def decode_case(args):
-  b, h, t, g, m, d, bits = 32, 8, 8192, 64, 4, args.head_dim, args.bits
+  b, h, t, g, m, d, bits = 32, 8, 8192, args.group, 4, args.head_dim, args.bits
   packed, residual = reference.cache_specs(b, h, t, d, bits=bits, group=g)
   bs = fd.BlockSizes(num_splits=args.splits, num_warps=args.warps or 1,
                      num_stages=args.stages or 1)
@@ -167,6 +167,7 @@ def main(argv=None):
   parser.add_argument("kernel", choices=sorted(CASES))
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--bits", type=int, default=4, choices=(2, 4))
+  parser.add_argument("--group", type=int, default=64, help="decode: the stage-2 group (tile)")
   parser.add_argument("--splits", type=int, default=8)
   parser.add_argument("--warps", type=int, help="default: the kernel's tuned value")
   parser.add_argument("--stages", type=int, help="default: the kernel's tuned value")
