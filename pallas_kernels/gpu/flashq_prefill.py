@@ -189,8 +189,8 @@ def _prefill_kernel(
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)
 
   def int8_dot(a, b):
-    """``a . b^T`` in int32; with magic conversions its accumulator starts at
-    ``softmax.MAGIC_I`` (free in the tensor cores), so the result is biased."""
+    """``a . b^T`` in int32; with magic conversions biased by ``softmax.MAGIC_I``
+    (Triton starts the accumulator there: a move an element, as an add would be)."""
     out = compat.triton_dot(a, b, trans_b=True, preferred_element_type=jnp.int32)
     return out + softmax.MAGIC_I if magic else out
 
@@ -253,9 +253,11 @@ def _prefill_kernel(
 
 def check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout: str) -> tuple[int, bool]:
   """Shapes and dtypes of the transposed-V prefill inputs (this kernel's and
-  Mosaic GPU's; V's codes may come as bf16 ``[B, Hk, Tk, D]`` instead); returns ``block_k``, the key tile that ``v_scale``'s shape fixes, and
-  whether ``k_scale`` holds one scale per key tile (``[B, Hk, Tk // block_k]``)
-  rather than one per key."""
+  Mosaic GPU's; V's codes may come as bf16 ``[B, Hk, Tk, D]`` instead).
+
+  Returns ``block_k``, the key tile that ``v_scale``'s shape fixes, and whether
+  ``k_scale`` holds one scale per key tile (``[B, Hk, Tk // block_k]``) rather
+  than one per key."""
   b, hq, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
   if out_layout not in ("bhtd", "bthd"):
@@ -319,7 +321,8 @@ def flashq_prefill(
       logit, ``softmax.online_softmax_tile_scale``).
     v_t: int8 [B, Hk, D, Tk]; v_scale: f32 [B, Hk, Tk // block_k], one scale
       per key tile (this shape fixes ``block_k``).
-    sas: SAS exponent parameters (``exact=True``: ``exp2``, no sparsity).
+    sas: SAS exponent parameters (``exact=True``: ``exp2``, no sparsity;
+      otherwise base 2 only).
     causal: keep keys at positions ``<= query_offset + i`` for query ``i``.
     query_offset: int or int32 [B].
     q_lengths, kv_lengths: optional int32 [B] valid lengths.
@@ -340,6 +343,9 @@ def flashq_prefill(
   hk, tk = k.shape[1], k.shape[2]
   block_k, k_scale_per_tile = check_inputs(q, q_scale, k, k_scale, v_t, v_scale, out_layout)
   n_v_tiles = tk // block_k
+  if not sas.exact and sas.base != 2.0:
+    raise NotImplementedError(
+        f"Triton FlashQ prefill: SAS base {sas.base} (only base 2, or exact with any base)")
   if block_sizes is None:
     block_sizes = dataclasses.replace(
         BlockSizes.get_default(head_dim=d, seq_len_q=tq, seq_len_k=tk), block_k=block_k)

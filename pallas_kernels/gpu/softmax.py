@@ -28,7 +28,6 @@ from pallas_kernels import common
 from pallas_kernels.sas import SASParams
 
 
-
 def broadcast_rows(x, shape):
   """Row vector ``[M]`` broadcast to ``[M, N]`` (``x[:, None]``)."""
   return lax.broadcast_in_dim(x, shape, [0])
@@ -44,8 +43,8 @@ def broadcast_cols(x, shape):
 # with int8 tensor cores one conversion per logit costs as much as the
 # matmuls. Adding 1.5 * 2**23 puts an integer |i| < 2**22 into the mantissa of
 # a float whose exponent is fixed, so a bit cast and one add convert exactly.
-# An int8 dot whose int32 accumulator starts at ``MAGIC_I`` (free in the
-# tensor cores) yields these "biased" bits directly.
+# An int8 dot whose int32 accumulator starts at ``MAGIC_I`` yields these
+# "biased" bits directly.
 _MAGIC_F = 12582912.0   # 1.5 * 2**23
 MAGIC_I = 0x4B400000    # its bits
 _ONE_BITS = 0x3F800000  # bits of 1.0
@@ -111,7 +110,7 @@ def sas_exp(x, sas: SASParams, convert: str = "magic", guard: bool = True):
     return jnp.exp2(-x * math.log2(sas.base))
   if sas.base != 2.0:
     raise NotImplementedError(
-        f"Mosaic GPU FlashQ supports the base-2 SAS table only, got base={sas.base}")
+        f"the GPU prefill kernels' SAS table is base 2 only, got base={sas.base}")
   dtype = jnp.dtype(sas.dtype)
   past = x > sas.threshold
   x = jnp.minimum(x, math.floor(sas.threshold) + 1.0)

@@ -556,6 +556,15 @@ def test_prefill_takes_v_codes_in_bf16():
                       block_sizes=dataclasses.replace(bs, pv_dtype="int8"), interpret=True)
 
 
+def test_prefill_sas_table_is_base_2():
+  args = prefill_inputs(0, b=1, hq=1, hk=1, tq=64, tk=64, d=64, block_k=64)
+  with pytest.raises(NotImplementedError, match="SAS base"):
+    fp.flashq_prefill(*args, sas=SASParams(base=float(np.e)), interpret=True)
+  exact_e = SASParams(base=float(np.e), exact=True, dtype="float32")
+  out = fp.flashq_prefill(*args, sas=exact_e, interpret=True)
+  assert relerr(out, fp.flashq_prefill_reference(*args, sas=exact_e)) <= 1e-4
+
+
 def test_prefill_names_a_misshapen_k_scale():
   """``k_scale`` is per key ([B, Hk, Tk]) or per key tile ([B, Hk, Tk // block_k])."""
   q, q_scale, k, k_scale, v_t, v_scale = prefill_inputs(
