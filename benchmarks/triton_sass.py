@@ -120,7 +120,7 @@ def decode_case(args):
   b, h, t, g, m, d, bits = 32, 8, 8192, args.group, 4, args.head_dim, args.bits
   packed, residual = reference.cache_specs(b, h, t, d, bits=bits, group=g)
   bs = fd.BlockSizes(num_splits=args.splits, num_warps=args.warps or 1,
-                     num_stages=args.stages or 1)
+                     num_stages=args.stages or 1, convert=args.convert or "magic")
   fn = functools.partial(fd.flashq_decode, bits=bits, group=g, block_sizes=bs, debug=True,
                          sas=SASParams(exact=args.exp2))
   return fn, (S((b, h, m, d), jnp.int8), S((b, h, m), jnp.float32), S((b, m), jnp.int32),
@@ -133,7 +133,8 @@ def prefill_case(args):
   bs = fp.BlockSizes.get_default(head_dim=d, seq_len_q=t, seq_len_k=t,
                                  device_kind=tuned_block_sizes.H100_SXM)
   bs = dataclasses.replace(bs, num_warps=args.warps or bs.num_warps,
-                           num_stages=args.stages or bs.num_stages)
+                           num_stages=args.stages or bs.num_stages,
+                           convert=args.convert or bs.convert)
   tiles = t // bs.block_k
   fn = functools.partial(fp.flashq_prefill, sas=SASParams(exact=args.exp2), causal=False,
                          block_sizes=bs, debug=True)
@@ -173,6 +174,8 @@ def main(argv=None):
   parser.add_argument("--stages", type=int, help="default: the kernel's tuned value")
   parser.add_argument("--sas-polynomial", dest="exp2", action="store_false",
                       help="the SAS polynomial instead of exp2 (the GPU default)")
+  parser.add_argument("--convert", choices=("magic", "cvt"),
+                      help="decode, prefill: conversions (default: the kernel's)")
   parser.add_argument("--per-token-k", action="store_true",
                       help="prefill: K scales per key (per_token_scales=True)")
   args = parser.parse_args(argv)

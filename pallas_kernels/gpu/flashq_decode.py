@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import common, compat, reference, tuned_block_sizes
+from pallas_kernels.gpu import softmax
 from pallas_kernels.packing import codes_per_byte
 from pallas_kernels.reference import PackedKV, ResidualKV
 from pallas_kernels.sas import SASParams
@@ -68,12 +69,16 @@ class BlockSizes:
       occupancy comes from the number of programs.
     qk_words: K words (4 channels of a bit field each) per dp4a product in
       Q.K^T; larger products need fewer additions but more registers.
+    convert: "magic" rounds, converts and floors with exact bit tricks on
+      the FMA/ALU pipes (``pallas_kernels.gpu.softmax``); "cvt" with the
+      hardware conversions, on the pipe ``exp2`` also needs. Same results.
   """
 
   num_splits: int = 8
   num_warps: int = 1
   num_stages: int = 1
   qk_words: int = 4
+  convert: str = "magic"
 
   def __post_init__(self):
     if not common.is_pow2(self.qk_words):
@@ -84,6 +89,8 @@ class BlockSizes:
         raise ValueError(f"{name}={value!r} must be an int >= 1")
     if self.num_warps not in _NUM_WARPS:
       raise ValueError(f"num_warps={self.num_warps!r} must be one of {_NUM_WARPS}")
+    if self.convert not in ("magic", "cvt"):
+      raise ValueError(f"convert={self.convert!r} must be 'magic' or 'cvt'")
 
   @classmethod
   def get_default(cls, *, batch: int, num_kv_heads: int, head_dim: int,
@@ -165,7 +172,7 @@ def _decode_kernel(
     o_ref,            # [Mp, D] f32 (normalized partial)
     m_ref,            # [Mp] f32
     l_ref,            # [Mp] f32
-    *, bits: int, group: int, num_splits: int, qk_words: int, sas: SASParams,
+    *, bits: int, group: int, num_splits: int, qk_words: int, convert: str, sas: SASParams,
     interpret: bool):
   rows = q_pos_ref.shape[0]
   n_words = k_words_ref.shape[1]         # words per token (of each K/V row)
@@ -247,18 +254,19 @@ def _decode_kernel(
 
     K's s2 is folded into the query (``reference.fold_key_scale2``) and ``q2``
     packed four channels a word."""
-    q2, r = common.requantize_rows(
-        [q_pieces[key] * x["k_scale2"][key].astype(jnp.float32)[None, :] for key in pieces])
+    q2, r = softmax.requantize_rows(
+        [q_pieces[key] * x["k_scale2"][key].astype(jnp.float32)[None, :] for key in pieces],
+        convert, guard=interpret)
     s = corr = acc = None
-    for (part, c), q2_piece in zip(pieces, q2):
+    for (part, c), (q2_float, q2_piece) in zip(pieces, q2):
       acc = dp4a_products(_bit_field(x["k_words"][c], part, bits).T, _row_words(q2_piece),
                           None if part == 0 else acc)
-      c_piece = common.zero_point_correction(q2_piece, x["k_zero"][(part, c)])
+      c_piece = common.zero_point_correction(q2_float, x["k_zero"][(part, c)])
       corr = c_piece if corr is None else corr + c_piece
       if part == per_byte - 1:
         s_chunk = jnp.sum(acc, axis=0)
         s = s_chunk if s is None else s + s_chunk
-    s = s.astype(jnp.float32) - corr[:, None]
+    s = softmax.i32_to_f32(s, convert) - corr[:, None]
     return s * (r * q_scale)[:, None] * x["k_scale"].astype(jnp.float32)[None, :]
 
   def weights(p, x):
@@ -266,9 +274,11 @@ def _decode_kernel(
     v_scale = x["v_scale"].astype(jnp.float32)
     out = {}
     for g in v_groups:
-      p_q, p_scale = common.quantize_rows(
-          p * (v_scale * x["v_scale2"][g].astype(jnp.float32))[None, :])
-      corr = common.zero_point_correction(p_q, x["v_zero"][g])
+      # P >= 0: ``requantize_rows`` gives ``common.quantize_rows``'s codes.
+      ((p_float, p_q),), p_scale = softmax.requantize_rows(
+          [p * (v_scale * x["v_scale2"][g].astype(jnp.float32))[None, :]], convert,
+          guard=interpret)
+      corr = common.zero_point_correction(p_float, x["v_zero"][g])
       out[g] = (_row_words(p_q, nonnegative=True), p_scale, corr)    # [G/4, Mp, 1]
     return out
 
@@ -281,7 +291,7 @@ def _decode_kernel(
         for part in range(per_byte):
           p8, p_scale, corr = weights_[channel0(part, c) // v_group]
           pv = jnp.sum(dp4a_products(_bit_field(words, part, bits), p8), axis=0)
-          pvs[(k, part, c)] = (pv.astype(jnp.float32) - corr[:, None]) * p_scale[:, None]
+          pvs[(k, part, c)] = (softmax.i32_to_f32(pv, convert) - corr[:, None]) * p_scale[:, None]
     return [pvs[key] for key in chunks]
 
   def tile(j, x, state):
@@ -420,7 +430,8 @@ def flashq_decode(q, q_scale, q_pos, packed: PackedKV, residual: ResidualKV, len
   ]
   kernel = functools.partial(
       _decode_kernel, bits=bits, group=group, num_splits=splits,
-      qk_words=block_sizes.qk_words, sas=sas, interpret=interpret)
+      qk_words=block_sizes.qk_words, convert=block_sizes.convert, sas=sas,
+      interpret=interpret)
   outs, ms, ls = pl.pallas_call(
       kernel,
       grid=(b, h, partials),

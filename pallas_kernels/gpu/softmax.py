@@ -75,10 +75,12 @@ def rescale_accumulate(acc, alpha, pv_bits, scale):
 
 
 def floor_small(y, convert: str = "magic", guard: bool = True):
-  """``floor(y)`` for f32 ``0 <= y < 2**22``, as f32, and its int32 bits trick.
+  """``floor(y)`` for f32 ``|y| < 2**22`` (``0 <= y`` with ``convert="cvt"``),
+  as f32, and its int32 bits trick.
 
   Returns ``(f, bits)``: ``f == floor(y)`` and ``bits == bitcast(f + 1.5 *
-  2**23)``, whose low byte is ``f`` for ``f < 256`` (``int8`` codes) and whose
+  2**23)``, whose low byte is ``f``'s two's complement for ``|f| < 128``
+  (``int8`` codes; ``f`` itself for ``0 <= f < 256``) and whose
   ``bits << 23`` is ``f << 23`` (exponent-field tables). ``guard`` pins the
   intermediate values with optimization barriers, which XLA needs (it folds
   ``(y + M) - M`` to ``y`` and may recompute ``y`` with and without FMA
@@ -197,6 +199,30 @@ def _update(m_old, t_max, exponent_arg, keep, q_scale, sas: SASParams, convert: 
   if keep is not None:
     p = jnp.where(keep, p, 0.0)
   return m_new, alpha, p, p_max
+
+
+def requantize_rows(parts, convert: str = "magic", guard: bool = True):
+  """``common.requantize_rows`` (symmetric INT8 per row of a tile given as
+  column parts, half-up rounding: the same codes) with ``floor_small``.
+
+  Returns ``(codes, scale)``: per part the pair ``(f32 codes, int8 codes)``
+  (the float codes come free of the rounding and spare an int8 -> f32
+  conversion where they are used as floats), and the f32 row scale.
+  ``floor_small`` floors negative values as well (``|y| < 2**22``), and the
+  low byte of its bits is the two's-complement code.
+  """
+  if convert == "cvt":  # hardware floor and conversions
+    codes, scale = common.requantize_rows(parts)
+    return [(c.astype(jnp.float32), c) for c in codes], scale
+  row_max = jnp.max(jnp.abs(parts[0]), axis=-1)
+  for x in parts[1:]:
+    row_max = jnp.maximum(row_max, jnp.max(jnp.abs(x), axis=-1))
+  inv = jnp.where(row_max == 0, 0.0, common.INT8_MAX / jnp.where(row_max == 0, 1.0, row_max))
+  codes = []
+  for x in parts:
+    f, bits = floor_small(x * broadcast_rows(inv, x.shape) + 0.5, "magic", guard)
+    codes.append((f, bits.astype(jnp.int8)))
+  return codes, row_max / common.INT8_MAX
 
 
 def quantize_rows(p, convert: str = "magic", guard: bool = True,

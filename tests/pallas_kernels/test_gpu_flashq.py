@@ -384,6 +384,7 @@ DECODE_CASES = {
     "int4_d64_two_tokens_split2": (4, 64, 8, 2, (250, 123), 256, 2),
     "int2_d64_one_split": (2, 64, 4, 1, (250, 123), 256, 1),
     "int4_d128_one_row_split2": (4, 128, 1, 1, (300, 64), 512, 2),
+    "int4_d64_gqa4_split2_hardware_conversions": (4, 64, 4, 1, (250, 200), 256, 2),
 }
 
 
@@ -398,6 +399,8 @@ class _DecodeTests(_KernelTest):
     q, q_scale, q_pos, lengths = decode_query(
         seed_of(name), b=b, h=h, m=m, d=d, lengths=lengths, tokens=tokens)
     bs = decode_block_sizes(b, h, d, t, group, bits, splits)
+    if name.endswith("hardware_conversions"):
+      bs = dataclasses.replace(bs, convert="cvt")
     kw = dict(bits=bits, group=group, sas=sas, block_sizes=bs)
     args = (q, q_scale, q_pos, packed, residual, lengths)
     out, (mm, ll) = fd.flashq_decode(*args, interpret=self.INTERPRET,

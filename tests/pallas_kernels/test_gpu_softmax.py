@@ -66,3 +66,24 @@ def test_i32_to_f32_is_exact_in_range():
   x = jnp.asarray(x, jnp.int32)
   np.testing.assert_array_equal(
       np.asarray(jax.jit(gs.i32_to_f32)(x)), np.asarray(x, np.float32))
+
+
+@pytest.mark.parametrize("convert", ["magic", "cvt"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_requantize_rows_matches_library(convert, signed):
+  """Same int8 codes and scales as ``common.requantize_rows`` (half-up, ties
+  included, negative values too), and float codes equal to the int8 ones."""
+  rng = np.random.default_rng(3)
+  parts = [rng.uniform(-1 if signed else 0, 1, (16, n)).astype(np.float32) for n in (64, 32)]
+  parts[0][2] = 0.0
+  parts[1][2] = 0.0                                        # an all-zero row
+  parts[0][4] = np.round(parts[0][4] * 254) / 254          # exact ties at +-.5:
+  parts[0][4, 0] = 1.0                                     # codes 127 k / 254
+  parts[1][5, ::3] = -parts[1][5, ::3] if signed else 0.0
+  parts = [jnp.asarray(x) for x in parts]
+  codes, scale = jax.jit(lambda xs: gs.requantize_rows(xs, convert))(parts)
+  want_codes, want_scale = jax.jit(common.requantize_rows)(parts)
+  np.testing.assert_array_equal(np.asarray(scale), np.asarray(want_scale))
+  for (f, c), want in zip(codes, want_codes):
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(f), np.asarray(want, np.float32))
