@@ -285,6 +285,14 @@ def decode_section(args):
   configs = (DECODE_SWEEP if args.sweep else DECODE_FINAL if args.final else [None])
   if PROFILE:
     configs = DECODE_FINAL[:1]
+
+  def tuned(bits, heads):
+    return fd.BlockSizes.get_default(batch=b, num_kv_heads=heads, head_dim=d, capacity=t,
+                                     group=group, bits=bits)
+  if args.softmax:  # hardware vs magic conversions, at the tuned splits and twice them
+    base = tuned(4, hk)
+    configs = [dataclasses.replace(base, convert=c, num_splits=n) for c in ("cvt", "magic")
+               for n in (base.num_splits, 2 * base.num_splits)]
   best4 = (float("inf"), None)
   for bs in configs:
     kern = jax.jit(functools.partial(fd.flashq_decode, bits=4, group=group, sas=sas,
@@ -321,6 +329,9 @@ def decode_section(args):
   bytes_mixed = nbytes(p4) + nbytes(r4) + nbytes(p2) + nbytes(r2)
   if PROFILE:
     mixed_configs = []
+  elif args.softmax:
+    mixed_configs = [(dataclasses.replace(tuned(4, hk // 2), convert=c),
+                      dataclasses.replace(tuned(2, hk // 2), convert=c)) for c in ("cvt", "magic")]
   elif args.final and best4[1] is not None:
     mixed_configs = [(best4[1], best4[1]),
                      (best4[1], dataclasses.replace(best4[1], num_splits=2 * best4[1].num_splits))]
@@ -361,7 +372,8 @@ def main(argv=None):
   parser.add_argument("--final", action="store_true",
                       help="time the short list of best and candidate configs")
   parser.add_argument("--softmax", action="store_true",
-                      help="prefill: the softmax's conversion / rounding / K-scale variants")
+                      help="the conversion variants (prefill: with P's rounding and K's "
+                           "scales too)")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--tag", default="")
