@@ -36,16 +36,18 @@ def _kernel_blocks(impl, q, k):
   return turbojax.TurboConfig().block_q, bs.block_k  # Q in the config's blocks
 
 
-@pytest.mark.parametrize("impl, bound", [("mosaic_tpu", 1e-4), ("triton", 2e-3)])
+@pytest.mark.parametrize("impl, bound, per_token_k", [
+    ("mosaic_tpu", 1e-4, False), ("triton", 2e-3, False), ("triton", 2e-3, True)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_prefill_matches_xla(impl, bound, causal):
+def test_prefill_matches_xla(impl, bound, per_token_k, causal):
   """The triton backend runs exp2 instead of the SAS polynomial (its measured
   choice), so it matches to the polynomial's 1.4e-4 fit error and the P codes
-  that flips: close, not equal."""
+  that flips: close, not equal. K's scales per block reach its kernel as one
+  per key tile, per-token ones as they are."""
   q, k, v = random_qkv(0, 1, 100, 250, 8, 2, 64)
   block_q, block_k = _kernel_blocks(impl, q, k)
   config = turbojax.TurboConfig(interpret=True, sas_dtype="float32", block_q=block_q,
-                                block_k=block_k)
+                                block_k=block_k, per_token_scales=per_token_k)
   lengths = np.array([201])
   kwargs = dict(is_causal=causal, key_value_seq_lengths=lengths, query_offset=150 * causal,
                 config=config)
