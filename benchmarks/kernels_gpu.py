@@ -332,6 +332,9 @@ def decode_section(args):
   elif args.softmax:
     mixed_configs = [(dataclasses.replace(tuned(4, hk // 2), convert=c),
                       dataclasses.replace(tuned(2, hk // 2), convert=c)) for c in ("cvt", "magic")]
+    # INT2 with magic conversions: 233 registers at qk_words 4, 188 at 2 (local SASS).
+    mixed_configs.append((mixed_configs[-1][0],
+                          dataclasses.replace(mixed_configs[-1][1], qk_words=2)))
   elif args.final and best4[1] is not None:
     mixed_configs = [(best4[1], best4[1]),
                      (best4[1], dataclasses.replace(best4[1], num_splits=2 * best4[1].num_splits))]
