@@ -11,8 +11,9 @@ Pallas prints the Triton IR it emits when a kernel is traced with
 needed), compiles that IR with the installed Triton for sm_90a and prints, per
 Triton module: registers per thread (``ptxas -v``), shared memory, and the
 instruction mix of each loop in the SASS, in program order (the whole kernel
-when it has no loop; prefill: the unmasked key tiles, then the masked ones). The numbers track the device's within ~10% (jaxlib bundles its own
-Triton build), which is enough to compare variants before spending GPU time.
+when it has no loop; prefill: the unmasked key tiles, then the masked ones).
+The numbers track the device's within ~10% (jaxlib bundles its own Triton
+build), which is enough to compare variants before spending GPU time.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def stage2_params(q8: jax.Array, bits: int, axis: int):
   best = None
   for eighths in STAGE2_RANGE_EIGHTHS[bits]:
     scale2, zero = _stage2_candidate(lo, hi, levels, eighths)
-    code = jnp.clip(_div_round(x, scale2) + zero, 0, levels)       # stage2_encode
+    code = stage2_encode(x, scale2, zero, bits).astype(jnp.int32)
     err = jnp.sum(jnp.square((code - zero) * scale2 - x), axis=axis, keepdims=True)
     if best is None:
       best = (err, scale2, zero)

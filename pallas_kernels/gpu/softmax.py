@@ -176,9 +176,10 @@ def online_softmax_tile_scale(m_old, s, keep, q_scale, k_scale, sas: SASParams,
   b_max = b.max(axis=1)
   t_max = jnp.where(b_max > 0.0, (b_max - _MAGIC_F) * k_scale, common.MASKED_MAX)
   c = q_scale * k_scale
-  return _update(m_old, t_max,
-                 lambda qm: b * broadcast_rows(c, b.shape) - broadcast_rows(c * _MAGIC_F + qm, b.shape),
-                 keep, q_scale, sas, convert, guard)
+
+  def exponent_arg(qm):
+    return b * broadcast_rows(c, b.shape) - broadcast_rows(c * _MAGIC_F + qm, b.shape)
+  return _update(m_old, t_max, exponent_arg, keep, q_scale, sas, convert, guard)
 
 
 def _update(m_old, t_max, exponent_arg, keep, q_scale, sas: SASParams, convert: str,
