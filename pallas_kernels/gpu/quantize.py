@@ -389,9 +389,7 @@ def quantize_qkv(q, k, v, *, block_q: int, block_k: int, sm_scale: float,
       q, lengths, None, channel_scale, layout=layout, block=block_q, per_token=True,
       factor=factor, interpret=interpret, debug=debug, name=KERNEL_NAME + "_q")
   if smooth_k:
-    tk = _dims(k, layout)[2]
-    lengths = (jnp.full((b,), tk, jnp.int32) if kv_lengths is None
-               else jnp.asarray(kv_lengths, jnp.int32))
+    lengths = _lengths(b, _dims(k, layout)[2], kv_lengths)
     mean = key_mean(k, kv_lengths, layout=layout) if k_mean is None else (
         jnp.asarray(k_mean, jnp.float32))
   else:
@@ -446,7 +444,7 @@ def quantize_qkv_reference(q, k, v, *, block_q: int, block_k: int, sm_scale: flo
     mean = key_mean(k, kv_lengths, layout=layout) if k_mean is None else (
         jnp.asarray(k_mean, jnp.float32))
     tk = kf.shape[2]
-    lengths = jnp.full((kf.shape[0],), tk) if kv_lengths is None else jnp.asarray(kv_lengths)
+    lengths = _lengths(kf.shape[0], tk, kv_lengths)
     valid = (jnp.arange(tk)[None, :] < lengths[:, None])[:, None, :, None]
     kf = jnp.where(valid, kf - mean[:, :, None, :], 0.0)
   if channel_scale is not None:
