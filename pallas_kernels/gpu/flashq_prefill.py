@@ -152,8 +152,9 @@ def _prefill_kernel(
     v_scale_ref,  # [Tk // block_k] f32
     o_ref,        # [block_q, D]
     *residual_refs,  # m, l: [block_q] f32
-    sas: SASParams, causal: bool, local_window, block_q: int, block_k: int,
-    block_sizes: BlockSizes, k_scale_per_tile: bool, interpret: bool):
+    sas: SASParams, causal: bool, local_window, block_sizes: BlockSizes,
+    k_scale_per_tile: bool, interpret: bool):
+  block_q, block_k = block_sizes.block_q, block_sizes.block_k
   num_k_tiles = k_ref.shape[0] // block_k
   convert, guard = block_sizes.convert, interpret
   magic = convert == "magic"
@@ -393,8 +394,7 @@ def flashq_prefill(
 
   kernel = functools.partial(
       _prefill_kernel, sas=sas, causal=causal, local_window=local_window,
-      block_q=block_q, block_k=block_k, block_sizes=block_sizes,
-      k_scale_per_tile=k_scale_per_tile, interpret=bool(interpret))
+      block_sizes=block_sizes, k_scale_per_tile=k_scale_per_tile, interpret=bool(interpret))
   outs = pl.pallas_call(
       kernel,
       grid=(b, hq, tq_pad // block_q),
